@@ -1,0 +1,5 @@
+import sys
+
+from rd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""The one preprocessing path shared by training, evaluation and inference.
+
+Resizing is PIL bilinear on the 8-bit RGB image, exactly what the reference's torchvision
+`Resize` does on PIL input, so scores stay comparable with the paper's setup. No augmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rd.data.images import ImageSource, read_image, resize_mask
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+_FIELDS = ("size", "mean", "std")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize to size×size and normalise; stored with checkpoints so inference matches training."""
+
+    size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"Preprocess size must be a positive integer, got {self.size!r}")
+        for field in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, field))
+            if len(values) != 3:
+                raise ValueError(f"Preprocess {field} needs 3 values (R, G, B), got {values}")
+            object.__setattr__(self, field, values)
+        if min(self.std) <= 0:
+            raise ValueError(f"Preprocess std values must be positive, got {self.std}")
+
+    def __call__(self, image: ImageSource) -> torch.Tensor:
+        """Return a float32 (3, size, size) tensor from anything read_image accepts."""
+        rgb = read_image(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
+        tensor = pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return tensor.sub_(mean).div_(std)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-friendly form for checkpoint metadata."""
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocess:
+        """Rebuild from to_dict() output; strict, so a foreign checkpoint fails loudly."""
+        missing = [key for key in _FIELDS if key not in data]
+        unknown = sorted(set(data) - set(_FIELDS))
+        if missing or unknown:
+            raise ValueError(
+                f"preprocess metadata has missing keys {missing} and unknown keys {unknown}; "
+                f"expected exactly {list(_FIELDS)} (was the checkpoint written by this package?)"
+            )
+        return cls(size=data["size"], mean=tuple(data["mean"]), std=tuple(data["std"]))
+
+
+def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W) mask -> {0, 1} float (1, size, size) tensor: binarise > 0.5, nearest resize."""
+    binary = resize_mask(np.asarray(mask) > 0.5, (size, size))
+    return torch.from_numpy(binary).to(torch.float32).unsqueeze(0)

@@ -1,0 +1,87 @@
+"""ReverseDistillation = frozen teacher + trainable OCBE bottleneck + student decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rd.backbones import Teacher, build_teacher, count_parameters, get_backbone
+from rd.bottleneck import OCBE
+from rd.decoder import Decoder
+from rd.maps import fuse, gaussian_blur, image_scores, layer_maps
+
+# Blocks of the one-class embedding and of the decoder stages (stride 16, 8, 4), as in the
+# reference code (its ResNet-50 decoder is built from layers [3, 4, 6]: the parameter counts of
+# REFERENCE.md §1 confirm it).
+STUDENT_BLOCKS = {"basic": (2, (2, 2, 2)), "bottleneck": (3, (3, 4, 6))}
+
+
+@dataclass
+class Prediction:
+    """What one forward pass yields for a batch, all at the input resolution."""
+
+    layer_maps: torch.Tensor  # (N, 3, H, W) unsmoothed 1 - cos per layer
+    fused: torch.Tensor  # (N, H, W) fused and Gaussian-smoothed
+    scores: torch.Tensor  # (N,) max of the smoothed fused map
+
+
+class ReverseDistillation(nn.Module):
+    def __init__(self, teacher: Teacher) -> None:
+        super().__init__()
+        spec = teacher.spec
+        embed_blocks, decoder_blocks = STUDENT_BLOCKS[spec.block]
+        self.backbone = spec.name
+        self.teacher = teacher
+        self.bottleneck = OCBE(spec.channels, spec.block, embed_blocks, spec.width_factor)
+        self.decoder = Decoder(spec.channels, spec.block, decoder_blocks, spec.width_factor,
+                               final_relu=spec.decoder_final_relu)
+
+    def student(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rebuild the teacher's features from their one-class embedding."""
+        return self.decoder(self.bottleneck(teacher_features))
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        features = self.teacher(images)
+        return features, self.student(features)
+
+    def student_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable part only: the teacher is rebuilt from its own weights."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, fusion: str = "sum") -> Prediction:
+        features, rebuilt = self(images)
+        maps = layer_maps(features, rebuilt, images.shape[-2:])
+        smoothed = gaussian_blur(fuse(maps, fusion))
+        return Prediction(maps, smoothed, image_scores(smoothed))
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None) picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no GPU is available: use --device cpu")
+    return device
+
+
+def build_model(backbone: str = "efficientnet_lite0", pretrained: bool = True,
+                teacher_weights: str | Path | None = None) -> ReverseDistillation:
+    """Build teacher + student; ``pretrained`` loads the teacher's ImageNet weights."""
+    return ReverseDistillation(build_teacher(backbone, pretrained, teacher_weights))
+
+
+def parameter_counts(backbone: str) -> dict[str, int]:
+    """Parameter counts as REFERENCE.md tabulates them; builds random weights, needs no file."""
+    spec = get_backbone(backbone)
+    model = ReverseDistillation(build_teacher(backbone, pretrained=False))
+    return {
+        "teacher_network": count_parameters(spec.build_network()),
+        "teacher_used": count_parameters(model.teacher),
+        "bottleneck": count_parameters(model.bottleneck),
+        "decoder": count_parameters(model.decoder),
+    }

@@ -1,0 +1,107 @@
+"""Shared fixtures: a generated tiny MVTec-format dataset and the optional real data subset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_MVTEC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_subset"
+
+
+@dataclass(frozen=True)
+class FakeMVTec:
+    """Where make_fake_mvtec wrote its dataset and what it holds."""
+
+    root: Path
+    category: str = "widget"
+    n_train: int = 12
+    n_good: int = 4
+    n_defect: int = 3
+    size: int = 64
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth colour pattern (coarse noise upsampled), kept mid-grey so defects stand out."""
+    coarse = rng.uniform(70, 180, size=(8, 8, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _normal(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    noisy = base.astype(np.float64) + rng.normal(0.0, 4.0, size=base.shape)
+    return np.clip(noisy, 40, 215).astype(np.uint8)
+
+
+def _scratch(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A bright 2-pixel-thick horizontal line."""
+    mask = np.zeros((size, size), dtype=bool)
+    row = int(rng.integers(size // 4, 3 * size // 4))
+    start = int(rng.integers(2, size // 4))
+    mask[row : row + 2, start : start + size // 2] = True
+    return mask
+
+
+def _hole(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A dark disc."""
+    radius = max(2, size // 10)
+    cy, cx = (int(v) for v in rng.integers(radius + 1, size - radius - 1, size=2))
+    yy, xx = np.mgrid[:size, :size]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+
+
+def make_fake_mvtec(
+    root: Path,
+    category: str = "widget",
+    n_train: int = 12,
+    n_good: int = 4,
+    n_defect: int = 3,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write a deterministic MVTec-format category under root and return root.
+
+    Defects: test/scratch (bright line, masks saved in mode "1") and test/hole (dark disc, masks
+    saved as L 0/255); each ground_truth/<defect>/<stem>_mask.png covers exactly its defect.
+    """
+    rng = np.random.default_rng(seed)
+    base = _texture(rng, size)
+    folder = Path(root) / category
+
+    def save(array: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    for i in range(n_train):
+        save(_normal(base, rng), folder / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(_normal(base, rng), folder / "test" / "good" / f"{i:03d}.png")
+    for defect, draw, value, mask_mode in (
+        ("scratch", _scratch, 255, "1"),
+        ("hole", _hole, 0, "L"),
+    ):
+        for i in range(n_defect):
+            image = _normal(base, rng)
+            mask = draw(rng, size)
+            image[mask] = value
+            save(image, folder / "test" / defect / f"{i:03d}.png")
+            mask_path = folder / "ground_truth" / defect / f"{i:03d}_mask.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255).convert(mask_mode).save(mask_path)
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_mvtec(tmp_path_factory: pytest.TempPathFactory) -> FakeMVTec:
+    """A generated 64×64 MVTec-format dataset with one category ("widget"), shared read-only."""
+    return FakeMVTec(make_fake_mvtec(tmp_path_factory.mktemp("tiny_mvtec")))
+
+
+@pytest.fixture(scope="session")
+def shared_mvtec() -> Path:
+    """The real MVTec subset in ../shared/data, or a skip where it is absent."""
+    if not SHARED_MVTEC.is_dir():
+        pytest.skip("../shared/data/mvtec_subset not present")
+    return SHARED_MVTEC

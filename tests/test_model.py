@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from rd.backbones import BACKBONES
+from rd.model import build_model, parameter_counts, resolve_device
+
+# REFERENCE.md §1: OCBE as used in forward, and decoder.
+REFERENCE_COUNTS = {
+    "resnet18": (11_680_000, 3_703_168),
+    "resnet50": (30_829_568, 15_821_824),
+    "wide_resnet50_2": (58_885_120, 24_917_504),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_student_parameter_counts_equal_reference(name):
+    counts = parameter_counts(name)
+    assert (counts["bottleneck"], counts["decoder"]) == REFERENCE_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_student_rebuilds_teacher_shapes(name):
+    model = build_model(name, pretrained=False)
+    teacher, student = model(torch.randn(2, 3, 64, 64))
+    assert [t.shape for t in teacher] == [s.shape for s in student]
+    code = model.bottleneck(teacher)
+    assert code.shape[-1] == 2  # stride 32
+    assert code.shape[1] == 2 * BACKBONES[name].channels[2]
+
+
+def test_lite0_decoder_stages_end_without_relu():
+    model = build_model("efficientnet_lite0", pretrained=False)
+    _, student = model(torch.randn(1, 3, 64, 64))
+    assert all((s < 0).any() for s in student)
+    resnet = build_model("resnet18", pretrained=False)
+    _, student = resnet(torch.randn(1, 3, 64, 64))
+    assert all((s >= 0).all() for s in student)
+
+
+def test_only_student_is_trainable_and_saved():
+    model = build_model("resnet18", pretrained=False)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"bottleneck", "decoder"}
+    assert all(not k.startswith("teacher.") for k in model.student_state_dict())
+
+
+def test_predict_outputs_at_input_resolution():
+    model = build_model("efficientnet_lite0", pretrained=False).eval()
+    prediction = model.predict(torch.randn(3, 3, 64, 64))
+    assert prediction.layer_maps.shape == (3, 3, 64, 64)
+    assert prediction.fused.shape == (3, 64, 64)
+    assert torch.allclose(prediction.scores, prediction.fused.flatten(1).amax(1))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU"):
+            resolve_device("cuda")
