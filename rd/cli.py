@@ -57,6 +57,11 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a file object: np.save would append ".npy" to a name
+        np.save(handle, array)
+
+
 def _metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
     keys = ("image_auroc", "pixel_auroc", "au_pro", "n_images", "n_normal", "n_defective")
     return {**{k: report[k] for k in keys},
@@ -148,7 +153,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             stem = Path(path).stem
             atomic_write(args.out / f"{stem}.png",
                          lambda tmp, im=blended: im.save(tmp, format="PNG"))
-            atomic_write(args.out / f"{stem}.npy", lambda tmp, m=fused: np.save(tmp, m))
+            atomic_write(args.out / f"{stem}.npy", lambda tmp, m=fused: _save_npy(tmp, m))
     if args.out and threshold is None:
         print("note: the checkpoint has no threshold; overlays use each image's own range")
     return 0
