@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def torch_load_problem(error: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` failed.
+
+    torch's own message starts with advice to retry with ``weights_only=False``, which could
+    run code from the file: keep only its reason (e.g. "Unsupported global: GLOBAL exec").
+    """
+    text = str(error)
+    reason = text.partition("WeightsUnpickler error:")[2].strip()
+    if reason:
+        reason = reason.splitlines()[0].split(". Please use")[0].strip()
+        return (f"refused to unpickle it ({reason}): it holds objects other than tensors, or "
+                "is not a torch weights file")
+    if isinstance(error, KeyError | EOFError | pickle.UnpicklingError | RuntimeError):
+        return "not a torch weights file, or a truncated one"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first}"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a weights file without unpickling arbitrary objects."""
     path = Path(path)
@@ -84,7 +103,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors, truncated files, zip errors
         raise WeightsError(
-            f"cannot read teacher weights {path}: {type(error).__name__}: {error}"
+            f"cannot read teacher weights {path}: {torch_load_problem(error)}"
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rd.backbones import RANDOM_TEACHER, get_backbone
+from rd import __version__
+from rd.backbones import RANDOM_TEACHER, get_backbone, torch_load_problem
 from rd.data.transforms import Preprocess
 from rd.model import ReverseDistillation, build_model
 
@@ -53,6 +55,8 @@ def save_checkpoint(model: ReverseDistillation, path: str | Path, metadata: Mapp
         "format_version": FORMAT_VERSION,
         "backbone": model.backbone,
         "teacher_weights": model.teacher.weights_id,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "software": {"rd": __version__, "torch": torch.__version__},
         **metadata,
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.student_state_dict().items()}
@@ -130,7 +134,7 @@ def load_student(model: ReverseDistillation, tensors: Mapping[str, torch.Tensor]
             f"unexpected {len(unexpected)} (e.g. {unexpected[:2]})" if unexpected else "",
             f"shape mismatch: {wrong[:2]}" if wrong else "",
         ]))
-        raise CheckpointError(f"{source} does not fit a {model.backbone} student: {details}")
+        raise CheckpointError(f"{source} does not fit the {model.backbone} student: {details}")
     model.load_state_dict({**tensors, **_teacher_state(model)}, strict=True)
 
 
@@ -172,10 +176,9 @@ def import_reference(reference_path: str | Path, backbone: str, out: str | Path,
     try:
         reference = torch.load(reference_path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle refusal, zip errors, truncation
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"cannot read {reference_path} as a reference checkpoint "
-                              f"(read with weights_only=True): {type(error).__name__}: "
-                              f"{first}") from None
+                              f"(read with weights_only=True): "
+                              f"{torch_load_problem(error)}") from None
     if not (isinstance(reference, dict) and {"bn", "decoder"} <= set(reference)):
         raise CheckpointError(f"{reference_path} is not a reference checkpoint: expected a "
                               "dict with 'bn' and 'decoder' state dicts")
