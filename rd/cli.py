@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config.validate()
     if args.out.exists() and not (args.resume or args.overwrite):
         raise TrainingError(f"{args.out} exists: pass --overwrite to replace it, or --resume")
-    metadata = {"category": getattr(data, "category", None), "data": repr(data)}
+    metadata = {"category": getattr(data, "category", None), "data": repr(data),
+                "command": shlex.join(["python", "-m", "rd", *args.argv])}
     result = train(data.train_samples(), config, args.out, metadata, resume=args.resume,
                    progress=not args.quiet)
     print(f"trained {result.epochs_trained} epochs in {result.seconds:.1f} s; "
@@ -170,6 +172,24 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 def cmd_holdout(args: argparse.Namespace) -> int:
     out = holdout_view(args.data, args.category, args.count, args.out)
     print(f"{out / args.category}: {args.count} training images held out as normal test images")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    import shutil
+
+    from rd.manifest import register, user_manifest
+
+    meta = read_metadata(args.checkpoint)
+    category = args.category or meta.get("category")
+    if not category:
+        raise ValueError("the checkpoint names no category: pass --category")
+    manifest = user_manifest()
+    target = manifest.parent / args.dataset / category / f"{meta['backbone']}.safetensors"
+    atomic_write(target, lambda tmp: shutil.copyfile(args.checkpoint, tmp))
+    entry = register(manifest, target, args.dataset, category, meta["backbone"],
+                     command=meta.get("command", ""), report=meta.get("metrics", {}))
+    print(f"registered {args.dataset}/{category}/{entry.backbone} -> {target}")
     return 0
 
 
@@ -269,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="new root folder for the view")
     p.set_defaults(func=cmd_holdout)
 
+    p = commands.add_parser("register", help="make a checkpoint available to the app",
+                            description="Copy a checkpoint into the user's model folder and "
+                            "list it in the user manifest under a dataset name.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--dataset", required=True,
+                   help="data source name as the app shows it (builtin, mvtec_subset, or the "
+                   "folder name of an MVTec root you added)")
+    p.add_argument("--category", help="default: the category stored in the checkpoint")
+    p.set_defaults(func=cmd_register)
+
     p = commands.add_parser("info", help="parameter counts, or a checkpoint's metadata",
                             description="info --backbone B: parameter counts (no weights "
                             "needed); info CKPT: the checkpoint's metadata.")
@@ -279,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except KNOWN_ERRORS as error:

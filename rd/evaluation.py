@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +22,12 @@ class EvaluationError(ValueError):
     """The test set cannot be evaluated as asked."""
 
 
+ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
+
+
 def predict_samples(detector: Detector, samples: Sequence[Sample], progress: bool = False,
-                    workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    workers: int = 0, on_progress: ProgressCallback | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fused maps (N, S, S), masks (N, S, S) bool and scores (N,) of ``samples``."""
     dataset = ImageDataset(samples, detector.preprocess)
     loader = DataLoader(dataset, batch_size=detector.batch_size, num_workers=workers)
@@ -34,11 +38,14 @@ def predict_samples(detector: Detector, samples: Sequence[Sample], progress: boo
         maps.append(prediction.fused.cpu().numpy())
         scores.append(prediction.scores.cpu().numpy())
         masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        if on_progress:
+            on_progress(sum(len(m) for m in maps), len(dataset))
     return np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
 
 
 def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = False,
-             progress: bool = False, workers: int = 0) -> dict[str, Any]:
+             progress: bool = False, workers: int = 0,
+             on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Every metric of one test set, per defect type too, in one JSON-serialisable dict."""
     if not samples:
         raise EvaluationError("the test set is empty")
@@ -50,7 +57,7 @@ def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = F
         raise EvaluationError("the test set needs both normal and defective images to compute "
                               f"AUROC; it has only {'defective' if labels[0] else 'normal'} ones")
     started = time.perf_counter()
-    maps, masks, scores = predict_samples(detector, samples, progress, workers)
+    maps, masks, scores = predict_samples(detector, samples, progress, workers, on_progress)
     inference_seconds = time.perf_counter() - started
     has_masks = all(s.mask_path is not None for s in samples if s.label == 1)
     defects = np.array([s.defect for s in samples])

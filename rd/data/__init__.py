@@ -8,6 +8,7 @@ from rd.data.images import (
     ImageSource,
     list_images,
     read_image,
+    read_image_bytes,
     read_mask,
     resize_mask,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "list_images",
     "mask_to_tensor",
     "read_image",
+    "read_image_bytes",
     "read_mask",
     "resize_mask",
 ]

@@ -7,8 +7,10 @@ models see the stored colour values, which is what an RGB export of the same fil
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -67,12 +69,17 @@ def _open(source: str | Path | Image.Image, max_pixels: int) -> tuple[Image.Imag
     if not path.is_file():
         problem = "is a folder, not an image file" if path.is_dir() else "file not found"
         raise _fail(name, problem, "check the path")
+    return _open_file(path, name, max_pixels), name
+
+
+def _open_file(file: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    """Open and fully decode a file, turning PIL's exceptions into ImageError."""
     try:
         # Our own max_pixels check covers the range where PIL only warns; PIL's hard limit
         # (DecompressionBombError above 2x Image.MAX_IMAGE_PIXELS) still applies on top.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(file)
     except Image.DecompressionBombError as exc:
         raise _fail(name, "image is too large to decode safely", "downscale it first") from exc
     except Image.UnidentifiedImageError as exc:
@@ -82,7 +89,13 @@ def _open(source: str | Path | Image.Image, max_pixels: int) -> tuple[Image.Imag
     except (OSError, SyntaxError, ValueError) as exc:
         raise _fail(name, f"image header is corrupt ({exc})", "re-export or remove it") from exc
     with image:
-        return _decode(image, name, max_pixels), name
+        return _decode(image, name, max_pixels)
+
+
+def read_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
+                     ) -> Image.Image:
+    """An RGB image from encoded bytes (an upload), with the same checks as ``read_image``."""
+    return read_image(_open_file(io.BytesIO(data), name, max_pixels), max_pixels)
 
 
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:

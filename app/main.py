@@ -1,0 +1,28 @@
+"""RD Studio entry point: ``streamlit run app/main.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run` puts only app/ on the path
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import state  # noqa: E402
+
+st.set_page_config(page_title="RD Studio", page_icon=":material/biotech:", layout="wide")
+
+PAGES = Path(__file__).parent / "pages"
+navigation = st.navigation([
+    st.Page(PAGES / "inspect.py", title="Inspect", icon=":material/image_search:",
+            default=True),
+    st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/monitoring:"),
+    st.Page(PAGES / "review.py", title="Review", icon=":material/fact_check:"),
+    st.Page(PAGES / "learn.py", title="Learn", icon=":material/school:"),
+    st.Page(PAGES / "train.py", title="Train", icon=":material/model_training:"),
+])
+state.sidebar()
+navigation.run()

@@ -1,0 +1,1 @@
+"""Pure functions that turn ``rd`` results into pictures and figures (unit-tested directly)."""
