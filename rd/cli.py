@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from rd import download
 from rd.backbones import DEFAULT_BACKBONE, WeightsError, list_backbones
 from rd.checkpoints import CheckpointError, atomic_write, import_reference, read_metadata
 from rd.data import DataError, MVTecCategory, PlainFolders, holdout_view, read_image
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder name of an MVTec root you added)")
     p.add_argument("--category", help="default: the category stored in the checkpoint")
     p.set_defaults(func=cmd_register)
+
+    download.add_parser(commands)
 
     p = commands.add_parser("info", help="parameter counts, or a checkpoint's metadata",
                             description="info --backbone B: parameter counts (no weights "
