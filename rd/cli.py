@@ -185,12 +185,21 @@ def cmd_register(args: argparse.Namespace) -> int:
     category = args.category or meta.get("category")
     if not category:
         raise ValueError("the checkpoint names no category: pass --category")
-    manifest = user_manifest()
-    target = manifest.parent / args.dataset / category / f"{meta['backbone']}.safetensors"
-    atomic_write(target, lambda tmp: shutil.copyfile(args.checkpoint, tmp))
+    manifest = args.manifest or user_manifest()
+    target = args.checkpoint
+    if not args.checkpoint.resolve().is_relative_to(manifest.resolve().parent):
+        target = manifest.parent / args.dataset / category / f"{meta['backbone']}.safetensors"
+        atomic_write(target, lambda tmp: shutil.copyfile(args.checkpoint, tmp))
     entry = register(manifest, target, args.dataset, category, meta["backbone"],
                      command=meta.get("command", ""), report=meta.get("metrics", {}))
-    print(f"registered {args.dataset}/{category}/{entry.backbone} -> {target}")
+    print(f"registered {args.dataset}/{category}/{entry.backbone} -> {target} in {manifest}")
+    return 0
+
+
+def cmd_builtin(args: argparse.Namespace) -> int:
+    from rd.data.synthetic import ensure_builtin_dataset
+
+    print(ensure_builtin_dataset())
     return 0
 
 
@@ -298,7 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data source name as the app shows it (builtin, mvtec_subset, or the "
                    "folder name of an MVTec root you added)")
     p.add_argument("--category", help="default: the category stored in the checkpoint")
+    p.add_argument("--manifest", type=Path,
+                   help="manifest to add it to (default: the user's); a checkpoint outside the "
+                   "manifest's folder is copied into it")
     p.set_defaults(func=cmd_register)
+
+    p = commands.add_parser("builtin", help="print the built-in dataset's folder",
+                            description="Generate the built-in dataset on first use and print "
+                            "its root folder.")
+    p.set_defaults(func=cmd_builtin)
 
     download.add_parser(commands)
 

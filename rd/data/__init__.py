@@ -22,6 +22,13 @@ from rd.data.mvtec import (
     list_categories,
 )
 from rd.data.plain import PlainFolders
+from rd.data.synthetic import (
+    SYNTHETIC_CATEGORIES,
+    builtin_dataset_root,
+    ensure_builtin_dataset,
+    generate_dataset,
+    render_sample,
+)
 from rd.data.transforms import HALF, IMAGENET_MEAN, IMAGENET_STD, Preprocess, mask_to_tensor
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
+    "SYNTHETIC_CATEGORIES",
     "UNKNOWN_LABEL",
     "DataError",
     "ImageDataset",
@@ -40,6 +48,9 @@ __all__ = [
     "PlainFolders",
     "Preprocess",
     "Sample",
+    "builtin_dataset_root",
+    "ensure_builtin_dataset",
+    "generate_dataset",
     "holdout_view",
     "list_categories",
     "list_images",
@@ -47,5 +58,6 @@ __all__ = [
     "read_image",
     "read_image_bytes",
     "read_mask",
+    "render_sample",
     "resize_mask",
 ]
