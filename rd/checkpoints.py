@@ -41,6 +41,8 @@ def atomic_write(path: Path, write) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        # mkstemp makes the file private (0600); keep the mode a plain write would give
+        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

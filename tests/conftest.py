@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +106,54 @@ def shared_mvtec() -> Path:
     if not SHARED_MVTEC.is_dir():
         pytest.skip("../shared/data/mvtec_subset not present")
     return SHARED_MVTEC
+
+
+@dataclass(frozen=True)
+class Studio:
+    """A user data folder for the app: a dataset source with a registered tiny model."""
+
+    home: Path
+    dataset: str
+    category: str
+    root: Path
+    checkpoint: Path
+
+
+@pytest.fixture(scope="session")
+def studio_home(tmp_path_factory: pytest.TempPathFactory) -> Studio:
+    """Generated data, a 1-epoch 64 px model registered in a user manifest, the data root
+    remembered in the app's settings, all under a fresh RD_HOME."""
+    import json
+
+    from rd.data import MVTecCategory
+    from rd.manifest import register, user_manifest
+    from rd.training import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("studio")
+    home, root = base / "home", base / "fakeparts"
+    make_fake_mvtec(root, category="widget")
+    previous = os.environ.get("RD_HOME")
+    os.environ["RD_HOME"] = str(home)
+    try:
+        manifest = user_manifest()
+        checkpoint = manifest.parent / "fakeparts" / "widget.safetensors"
+        data = MVTecCategory(root, "widget")
+        train(data.train_samples(), TrainConfig(epochs=1, image_size=64, batch_size=4,
+                                                device="cpu"),
+              checkpoint, {"category": "widget"}, progress=False)
+        register(manifest, checkpoint, "fakeparts", "widget", "efficientnet_lite0")
+    finally:
+        if previous is None:
+            os.environ.pop("RD_HOME")
+        else:
+            os.environ["RD_HOME"] = previous
+    (home / "app_settings.json").write_text(json.dumps({"mvtec_roots": {"fakeparts":
+                                                                         str(root)}}))
+    return Studio(home, "fakeparts", "widget", root, checkpoint)
+
+
+@pytest.fixture
+def studio(studio_home: Studio, monkeypatch: pytest.MonkeyPatch) -> Studio:
+    """``studio_home`` as the current user's data folder (RD_HOME) for one test."""
+    monkeypatch.setenv("RD_HOME", str(studio_home.home))
+    return studio_home

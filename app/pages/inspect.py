@@ -181,7 +181,7 @@ def _detail(chosen: state.Selection, detector, report: dict | None, item: tuple)
                                  None if context.normal_p99 is None else context.normal_p99 / 3,
                                  context.threshold / 3)
     second = st.columns(4)
-    for column, layer, title in zip(second, maps["layer_maps"], LAYER_NAMES, strict=True):
+    for column, layer, title in zip(second[:3], maps["layer_maps"], LAYER_NAMES, strict=True):
         column.image(heat_map(layer, mode, layer_context), caption=title, output_format="PNG",
                      width="stretch")
     second[3].image(heat, caption="fused heat map", output_format="PNG", width="stretch")

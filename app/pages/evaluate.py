@@ -1,0 +1,227 @@
+"""Evaluate: ROC curves, AUROC / AU-PRO per defect type, and the threshold every page uses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import state
+from app.views.curves import confusion_at, operating_point, roc_figure, score_histogram
+from rd.manifest import ManifestError, all_models
+
+SUGGESTIONS = {"f1": "F1-optimal", "fpr_0.01": "FPR ≤ 1%", "fpr_0.05": "FPR ≤ 5%",
+               "fpr_0.1": "FPR ≤ 10%"}
+SLIDER_STEPS = 1000
+NO_VALUE = "—"
+
+
+def _pct(value: float | None) -> str:
+    """A rate as a percentage; a metric that could not be computed as a dash."""
+    return NO_VALUE if value is None else f"{100 * value:.1f}"
+
+
+def _labels_scores(report: dict[str, Any], defect: str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores of the test images; with ``defect``, the normal images plus that
+    defect type only (the subset its per-class ROC curve was computed on)."""
+    images = [i for i in report["images"]
+              if defect is None or i["label"] == 0 or i["defect"] == defect]
+    return (np.array([i["label"] for i in images], dtype=int),
+            np.array([i["score"] for i in images], dtype=np.float64))
+
+
+def _set_threshold(key: str, value: float) -> None:
+    """Button callback: runs before the page, so the slider is drawn at the new value."""
+    st.session_state[key] = value
+
+
+def _copy_slider(slider_key: str, key: str) -> None:
+    """Slider callback: the moved value becomes the shared threshold."""
+    st.session_state[key] = st.session_state[slider_key]
+
+
+def _threshold_controls(chosen: state.Selection, report: dict[str, Any], scores: np.ndarray
+                        ) -> float:
+    """The slider and the suggestion buttons; both write the threshold shared by every page.
+
+    The slider has its own key, loaded from the shared one before it is drawn: Streamlit drops
+    a widget's state on pages that do not draw it, and Inspect and Review must keep reading it.
+    """
+    key = state.threshold_key(chosen)
+    slider_key = f"{key}::slider"
+    suggested = {name: float(report["thresholds"][name]["threshold"])
+                 for name in SUGGESTIONS if name in report["thresholds"]}
+    current = float(st.session_state[key])
+    top = max(float(scores.max()), current, *suggested.values())
+    bottom = min(float(scores.min()), current)
+    margin = 0.05 * (top - bottom) or 1.0
+    low, high = min(bottom, max(0.0, bottom - margin)), top + margin
+    st.session_state[slider_key] = current
+    st.slider("Threshold (raw score: flagged defective when score ≥ threshold)", low, high,
+              step=(high - low) / SLIDER_STEPS, format="%.4f", key=slider_key,
+              on_change=_copy_slider, args=(slider_key, key))
+    st.caption("Suggested by the test set:")
+    columns = st.columns(len(suggested))
+    for column, (name, value) in zip(columns, suggested.items(), strict=True):
+        details = report["thresholds"][name]
+        help_text = f"threshold {value:.4f}; " + ", ".join(
+            f"{k} {v:.3f}" for k, v in details.items() if k != "threshold")
+        column.button(SUGGESTIONS[name], key=f"suggest::{name}", help=help_text,
+                      on_click=_set_threshold, args=(key, value), width="stretch",
+                      type="primary" if np.isclose(value, current, rtol=0, atol=1e-12)
+                      else "secondary")
+    return current
+
+
+def _confusion(counts: dict[str, float]) -> None:
+    """The confusion matrix as metrics, so the counts change visibly with the slider."""
+    first = st.columns(4)
+    first[0].metric("TP · defects caught", counts["tp"])
+    first[1].metric("FN · defects missed", counts["fn"])
+    first[2].metric("FP · false alarms", counts["fp"])
+    first[3].metric("TN · normal passed", counts["tn"])
+    second = st.columns(4)
+    second[0].metric("Precision", f"{counts['precision']:.3f}",
+                     help="Of the flagged images, the share that is defective.")
+    second[1].metric("Recall (TPR)", f"{counts['recall']:.3f}",
+                     help="Of the defective images, the share flagged.")
+    second[2].metric("FPR", f"{counts['fpr']:.3f}",
+                     help="Of the normal images, the share flagged.")
+    second[3].page_link("pages/review.py", label="Review these decisions",
+                        icon=":material/fact_check:")
+
+
+def _metrics_table(report: dict[str, Any], threshold: float) -> pd.DataFrame:
+    """AUROC / AU-PRO overall and per defect type, with the recall at the threshold."""
+    def caught(defect: str | None) -> str:
+        labels, scores = _labels_scores(report, defect)
+        counts = confusion_at(labels, scores, threshold)
+        return f"{counts['tp']}/{counts['tp'] + counts['fn']}"
+
+    rows = [{"defect": name, "images": entry["n"], "image AUROC": _pct(entry["image_auroc"]),
+             "pixel AUROC": _pct(entry.get("pixel_auroc")), "AU-PRO": _pct(entry.get("au_pro")),
+             "caught": caught(name)}
+            for name, entry in report["per_defect"].items()]
+    rows.append({"defect": "all defects", "images": report["n_defective"],
+                 "image AUROC": _pct(report["image_auroc"]),
+                 "pixel AUROC": _pct(report["pixel_auroc"]), "AU-PRO": _pct(report["au_pro"]),
+                 "caught": caught(None)})
+    return pd.DataFrame(rows)
+
+
+def _curves(report: dict[str, Any], threshold: float, counts: dict[str, float]) -> None:
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Image level**: one score per image")
+        point = {"fpr": counts["fpr"], "tpr": counts["tpr"], "threshold": threshold}
+        st.plotly_chart(roc_figure({"image ROC": report["image_roc"]}, operating_point=point),
+                        key="roc_image")
+    with right:
+        st.markdown("**Pixel level**: every pixel of the fused map against the masks")
+        if report.get("pixel_roc"):
+            st.plotly_chart(roc_figure({"pixel ROC": report["pixel_roc"]},
+                                       operating_point=operating_point(report["pixel_roc"],
+                                                                       threshold)),
+                            key="roc_pixel")
+        else:
+            st.info(f"Pixel AUROC and AU-PRO: {NO_VALUE}. Some defective test images have no "
+                    "ground-truth mask, so pixel-level metrics cannot be computed.")
+
+    st.markdown("**Per defect type**: each defect's images against all the normal images; the "
+                "markers sit at the current threshold (same FPR, each defect's own TPR)")
+    per_defect = {name: entry["image_roc"] for name, entry in report["per_defect"].items()}
+    points = {}
+    for name in per_defect:
+        labels, scores = _labels_scores(report, name)
+        counts_d = confusion_at(labels, scores, threshold)
+        points[name] = {"fpr": counts_d["fpr"], "tpr": counts_d["tpr"], "threshold": threshold}
+    left, right = st.columns(2)
+    left.plotly_chart(roc_figure(per_defect, curve_points=points), key="roc_per_defect")
+    right.dataframe(_metrics_table(report, threshold), hide_index=True)
+    right.caption(f"AUROC and AU-PRO in %; AU-PRO integrates up to FPR 30%. Pixel metrics show "
+                  f"{NO_VALUE} where masks are missing. 'caught': defective images flagged at "
+                  "the current threshold.")
+
+
+def _compare(chosen: state.Selection) -> None:
+    """Every registered backbone on this category: headline metrics and overlaid ROC curves."""
+    try:
+        entries = [e for e in all_models()
+                   if (e.dataset, e.category) == (chosen.source.name, chosen.category)]
+    except ManifestError as error:
+        st.warning(f"Cannot list the other models: {error}")
+        return
+    if len(entries) < 2:
+        st.caption(f"Only {chosen.backbone} is trained on {chosen.category}: train another "
+                   "backbone on it to compare them here.")
+        return
+    rows, image_curves, pixel_curves = [], {}, {}
+    for entry in sorted(entries, key=lambda e: e.backbone):
+        try:
+            entry.verify()
+        except ManifestError as error:
+            st.warning(f"{entry.backbone}: {error}")
+            continue
+        report = state.report_for(dataclasses.replace(chosen, backbone=entry.backbone,
+                                                      entry=entry))
+        if report is None:
+            continue
+        image_curves[entry.backbone] = report["image_roc"]
+        if report.get("pixel_roc"):
+            pixel_curves[entry.backbone] = report["pixel_roc"]
+        per_image = 1000 * report["seconds"]["inference"] / report["n_images"]
+        rows.append({"backbone": entry.backbone, "image size": report["image_size"],
+                     "image AUROC %": _pct(report["image_auroc"]),
+                     "pixel AUROC %": _pct(report["pixel_auroc"]),
+                     "AU-PRO %": _pct(report["au_pro"]),
+                     "F1 (best)": f"{report['thresholds']['f1']['f1']:.3f}",
+                     "ms / image": f"{per_image:.0f}"})
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    left, right = st.columns(2)
+    left.plotly_chart(roc_figure(image_curves, title="Image ROC"), key="compare_image")
+    if pixel_curves:
+        right.plotly_chart(roc_figure(pixel_curves, title="Pixel ROC"), key="compare_pixel")
+    st.caption("Thresholds are in each backbone's own score units, so only the curves compare.")
+
+
+def main() -> None:
+    st.title("Evaluate")
+    chosen, detector = state.require_model()
+    report = state.report_for(chosen)
+    if report is None:
+        st.stop()
+    state.current_threshold(chosen, detector, report)
+    labels, scores = _labels_scores(report)
+    st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
+               f"{report['n_images']} test images ({report['n_normal']} normal, "
+               f"{report['n_defective']} defective) · {report['seconds']['total']:.1f} s")
+
+    headline = st.columns(4)
+    headline[0].metric("Image AUROC", _pct(report["image_auroc"]))
+    headline[1].metric("Pixel AUROC", _pct(report["pixel_auroc"]))
+    headline[2].metric("AU-PRO (FPR ≤ 30%)", _pct(report["au_pro"]))
+    f1 = report["thresholds"]["f1"]
+    headline[3].metric("Best F1", f"{f1['f1']:.3f}", help=f"at threshold {f1['threshold']:.4f}")
+
+    st.subheader("Threshold")
+    plot, controls = st.columns([3, 2])
+    with controls:
+        threshold = _threshold_controls(chosen, report, scores)
+    counts = confusion_at(labels, scores, threshold)
+    plot.plotly_chart(score_histogram(scores[labels == 0], scores[labels == 1], threshold),
+                      key="histogram")
+    st.markdown(f"**At threshold {threshold:.4f}** (shared with Inspect and Review)")
+    _confusion(counts)
+
+    st.subheader("ROC curves")
+    _curves(report, threshold, counts)
+
+    st.subheader("Backbones on this category")
+    _compare(chosen)
+
+
+main()
