@@ -15,14 +15,16 @@ from app import state  # noqa: E402
 
 st.set_page_config(page_title="RD Studio", page_icon=":material/biotech:", layout="wide")
 
-PAGES = Path(__file__).parent / "pages"
+# Not "pages/": that folder name turns on Streamlit's folder-based navigation, which runs a page
+# without this file when a browser opens its URL directly.
+SCREENS = Path(__file__).parent / "screens"
 navigation = st.navigation([
-    st.Page(PAGES / "inspect.py", title="Inspect", icon=":material/image_search:",
+    st.Page(SCREENS / "inspect.py", title="Inspect", icon=":material/image_search:",
             default=True),
-    st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/monitoring:"),
-    st.Page(PAGES / "review.py", title="Review", icon=":material/fact_check:"),
-    st.Page(PAGES / "learn.py", title="Learn", icon=":material/school:"),
-    st.Page(PAGES / "train.py", title="Train", icon=":material/model_training:"),
+    st.Page(SCREENS / "evaluate.py", title="Evaluate", icon=":material/monitoring:"),
+    st.Page(SCREENS / "review.py", title="Review", icon=":material/fact_check:"),
+    st.Page(SCREENS / "learn.py", title="Learn", icon=":material/school:"),
+    st.Page(SCREENS / "train.py", title="Train", icon=":material/model_training:"),
 ])
 state.sidebar()
 navigation.run()

@@ -139,7 +139,7 @@ def sidebar() -> None:
     st.session_state.selection = Selection(source, category, backbone, device, entry)
     if entry is None:
         st.sidebar.warning(f"No {backbone} model for {source.name}/{category} yet.")
-        st.sidebar.page_link("pages/train.py", label="Train one", icon=":material/add:")
+        st.sidebar.page_link("screens/train.py", label="Train one", icon=":material/add:")
 
 
 def _entry(source: str, category: str, backbone: str) -> ModelEntry | None:
@@ -163,7 +163,7 @@ def require_model() -> tuple[Selection, Detector]:
     if chosen.entry is None:
         st.info(f"There is no **{chosen.backbone}** model for **{chosen.source.name} / "
                 f"{chosen.category}** yet: pick another backbone, or train one.")
-        st.page_link("pages/train.py", label="Train a model", icon=":material/add:")
+        st.page_link("screens/train.py", label="Train a model", icon=":material/add:")
         st.stop()
     try:
         path = chosen.entry.verify()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +109,11 @@ def shared_mvtec() -> Path:
 
 @dataclass(frozen=True)
 class Studio:
-    """A user data folder for the app: a dataset source with a registered tiny model."""
+    """A user data folder for the app: data sources with registered tiny models."""
 
     home: Path
-    dataset: str
+    dataset: str  # source name of the generated data, with masks
+    bare_dataset: str  # the same images without ground_truth/, as another source
     category: str
     root: Path
     checkpoint: Path
@@ -121,35 +121,36 @@ class Studio:
 
 @pytest.fixture(scope="session")
 def studio_home(tmp_path_factory: pytest.TempPathFactory) -> Studio:
-    """Generated data, a 1-epoch 64 px model registered in a user manifest, the data root
-    remembered in the app's settings, all under a fresh RD_HOME."""
+    """Generated data and a 1-epoch 64 px efficientnet_lite0 student registered in a user
+    manifest (also under the name resnet18, so backbones can be compared: only lite0's weights
+    are available offline), the data roots remembered in the app's settings; under a fresh
+    RD_HOME, where the built-in dataset is generated on first use."""
     import json
+    import shutil
 
     from rd.data import MVTecCategory
-    from rd.manifest import register, user_manifest
+    from rd.manifest import register
     from rd.training import TrainConfig, train
 
     base = tmp_path_factory.mktemp("studio")
     home, root = base / "home", base / "fakeparts"
     make_fake_mvtec(root, category="widget")
-    previous = os.environ.get("RD_HOME")
-    os.environ["RD_HOME"] = str(home)
-    try:
-        manifest = user_manifest()
-        checkpoint = manifest.parent / "fakeparts" / "widget.safetensors"
-        data = MVTecCategory(root, "widget")
-        train(data.train_samples(), TrainConfig(epochs=1, image_size=64, batch_size=4,
-                                                device="cpu"),
-              checkpoint, {"category": "widget"}, progress=False)
-        register(manifest, checkpoint, "fakeparts", "widget", "efficientnet_lite0")
-    finally:
-        if previous is None:
-            os.environ.pop("RD_HOME")
-        else:
-            os.environ["RD_HOME"] = previous
-    (home / "app_settings.json").write_text(json.dumps({"mvtec_roots": {"fakeparts":
-                                                                         str(root)}}))
-    return Studio(home, "fakeparts", "widget", root, checkpoint)
+    bare = shutil.copytree(root, base / "fakeparts_nomasks")
+    shutil.rmtree(bare / "widget" / "ground_truth")
+    models = home / "models"
+    checkpoint = models / "fakeparts" / "widget.safetensors"
+    train(MVTecCategory(root, "widget").train_samples(),
+          TrainConfig(epochs=1, image_size=64, batch_size=4, device="cpu"), checkpoint,
+          {"category": "widget"}, progress=False)
+    manifest = models / "manifest.json"
+    register(manifest, checkpoint, "fakeparts", "widget", "efficientnet_lite0")
+    twin = shutil.copy(checkpoint, models / "fakeparts" / "widget-twin.safetensors")
+    register(manifest, twin, "fakeparts", "widget", "resnet18")
+    copy = shutil.copy(checkpoint, models / "fakeparts" / "widget-bare.safetensors")
+    register(manifest, copy, "fakeparts_nomasks", "widget", "efficientnet_lite0")
+    (home / "app_settings.json").write_text(json.dumps(
+        {"mvtec_roots": {"fakeparts": str(root), "fakeparts_nomasks": str(bare)}}))
+    return Studio(home, "fakeparts", "fakeparts_nomasks", "widget", root, checkpoint)
 
 
 @pytest.fixture

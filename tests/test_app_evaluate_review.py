@@ -2,55 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_fake_mvtec
 from streamlit.testing.v1 import AppTest
 
-from rd.data import MVTecCategory
-from rd.data import sources as data_sources
-from rd.manifest import register
-from rd.training import TrainConfig, train
-
 APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
-SOURCE = "tinyset"  # the data folder's name: the app's source name and the manifest's dataset
-BARE = "tinyset_nomasks"  # the same images without ground_truth/
+SOURCE = "fakeparts"  # tests/conftest.py studio_home: source name = manifest dataset
+BARE = "fakeparts_nomasks"  # the same images without ground_truth/
 CATEGORY = "widget"
 N_NORMAL, N_DEFECTIVE = 4, 6  # make_fake_mvtec's test set: 4 good, 3 scratch + 3 hole
 
 
-@pytest.fixture(scope="module")
-def app_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """$RD_HOME with the tiny dataset as an extra root and two registered checkpoints."""
-    home = tmp_path_factory.mktemp("rd_home")
-    root = make_fake_mvtec(home / SOURCE, category=CATEGORY)
-    models = home / "models"
-    checkpoint = models / "widget-lite0.safetensors"
-    train(MVTecCategory(root, CATEGORY).train_samples(),
-          TrainConfig(epochs=1, image_size=64, batch_size=4, device="cpu"), checkpoint,
-          progress=False)
-    register(models / "manifest.json", checkpoint, SOURCE, CATEGORY, "efficientnet_lite0")
-    # Only efficientnet_lite0's weights are available offline: a copy of the same student
-    # registered under a second backbone name exercises the comparison.
-    twin = shutil.copy(checkpoint, models / "widget-twin.safetensors")
-    register(models / "manifest.json", twin, SOURCE, CATEGORY, "resnet18")
-    # The same images without ground-truth masks, as another source with its own model.
-    bare = shutil.copytree(root, home / BARE)
-    shutil.rmtree(bare / CATEGORY / "ground_truth")
-    register(models / "manifest.json", shutil.copy(checkpoint, models / "widget-bare.safetensors"),
-             BARE, CATEGORY, "efficientnet_lite0")
-    (home / "app_settings.json").write_text(json.dumps(
-        {"mvtec_roots": {SOURCE: str(root), BARE: str(bare)}}))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RD_HOME", str(home))
-        # The built-in dataset takes ~20 s to generate and is not what these tests are about.
-        patch.setattr(data_sources, "builtin_source", lambda: data_sources.DataSource(
-            data_sources.BUILTIN, root, "stand-in for the generated dataset"))
-        yield home
+@pytest.fixture
+def app_home(studio):
+    """The shared studio data folder (tests/conftest.py) as the user's RD_HOME."""
+    return studio.home
 
 
 def _open(page: str, source: str = SOURCE) -> AppTest:
@@ -72,7 +39,7 @@ def _threshold_slider(at: AppTest):
 
 
 def test_evaluate_threshold_drives_the_confusion_matrix(app_home):
-    at = _open("pages/evaluate.py")
+    at = _open("screens/evaluate.py")
     assert _metrics(at)["Image AUROC"] != "—"
     slider = _threshold_slider(at)
     slider.set_value(slider.max).run()
@@ -98,12 +65,12 @@ def test_evaluate_threshold_drives_the_confusion_matrix(app_home):
 
 
 def test_review_galleries_follow_the_shared_threshold(app_home):
-    at = _open("pages/evaluate.py")
+    at = _open("screens/evaluate.py")
     slider = _threshold_slider(at)
     slider.set_value((slider.min + slider.max) / 3).run()
     counts = _metrics(at)
 
-    at.switch_page("pages/review.py").run()
+    at.switch_page("screens/review.py").run()
     assert not at.exception, [e.value for e in at.exception]
     headers = [header.value for header in at.subheader]
     assert [h.split(" (")[0] for h in headers] == [
@@ -119,13 +86,13 @@ def test_review_galleries_follow_the_shared_threshold(app_home):
 
 
 def test_pages_without_masks_show_no_pixel_metrics(app_home):
-    at = _open("pages/evaluate.py", BARE)
+    at = _open("screens/evaluate.py", BARE)
     metrics = _metrics(at)
     assert metrics["Pixel AUROC"] == metrics["AU-PRO (FPR ≤ 30%)"] == "—"
     assert metrics["Image AUROC"] != "—"
     assert any("Pixel AUROC and AU-PRO: —" in info.value for info in at.info)
     assert set(at.dataframe[0].value["pixel AUROC"]) == {"—"}
 
-    at.switch_page("pages/review.py").run()
+    at.switch_page("screens/review.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert sum(int(h.value.rsplit("· ", 1)[1]) for h in at.subheader) == N_NORMAL + N_DEFECTIVE

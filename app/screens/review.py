@@ -160,7 +160,7 @@ def main() -> None:
     head[0].caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
                     f"threshold {threshold:.4f} · tile captions: score (margin on the correct "
                     "side of the threshold; negative = wrong)")
-    head[1].page_link("pages/evaluate.py", label="Change the threshold",
+    head[1].page_link("screens/evaluate.py", label="Change the threshold",
                       icon=":material/tune:")
 
     controls = st.columns([3, 1, 1, 1])

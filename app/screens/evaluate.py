@@ -91,7 +91,7 @@ def _confusion(counts: dict[str, float]) -> None:
                      help="Of the defective images, the share flagged.")
     second[2].metric("FPR", f"{counts['fpr']:.3f}",
                      help="Of the normal images, the share flagged.")
-    second[3].page_link("pages/review.py", label="Review these decisions",
+    second[3].page_link("screens/review.py", label="Review these decisions",
                         icon=":material/fact_check:")
 
 
