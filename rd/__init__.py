@@ -1,5 +1,13 @@
 """Reverse Distillation (RD4AD) anomaly detection: model, training, evaluation, inference."""
 
+import os
+
+# OpenMP threads that spin while waiting make torch 10-20x slower as soon as another process
+# (a training job beside the app, a second test worker) shares the CPU; sleeping threads cost
+# little when the CPU is free. Only effective before torch is first imported; a user's own
+# setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 from rd.backbones import DEFAULT_BACKBONE, list_backbones

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see rd/__init__.py
+
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -50,6 +50,11 @@ def predict_upload(checkpoint: str, mtime: float, device: str, digest: str, data
             "score": float(detection.scores[0]), "name": name}
 
 
+def _open(item: tuple) -> None:
+    """Button callback: runs before the page, so the detail shows in the same rerun."""
+    st.session_state.inspect_item = item
+
+
 def _browse(chosen: state.Selection, report: dict | None) -> None:
     samples = state.test_samples(chosen)
     if not samples:
@@ -82,8 +87,8 @@ def _browse(chosen: state.Selection, report: dict | None) -> None:
             except DataError as error:
                 column.warning(str(error))
                 continue
-            if column.button("Open", key=f"open::{sample.path}", width="stretch"):
-                st.session_state.inspect_item = ("path", str(sample.path))
+            column.button("Open", key=f"open::{sample.path}", width="stretch",
+                          on_click=_open, args=(("path", str(sample.path)),))
 
 
 def _upload(chosen: state.Selection) -> None:
@@ -101,6 +106,8 @@ def _upload(chosen: state.Selection) -> None:
         digest = hashlib.sha256(data).hexdigest()
         rows.append((upload.name, digest, data, image.size))
     if not rows:
+        if (st.session_state.get("inspect_item") or ("",))[0] == "upload":
+            st.session_state.inspect_item = None  # the upload was removed
         return
     names = [name for name, *_ in rows]
     picked = st.radio("Uploaded", names, horizontal=True, key="inspect_upload_pick")
@@ -135,7 +142,7 @@ def _detail(chosen: state.Selection, detector, report: dict | None, item: tuple)
     normal = detector.metadata.get("normal_scores") or (report or {}).get("normal_scores") or {}
     category_max = max(item["score"] for item in report["images"]) if report else maps["score"]
     context = ScaleContext(category_max, normal.get("p99"), threshold)
-    name = Path(item[1]).name if item[0] == "path" else item[1]
+    name = ("/".join(Path(item[1]).parts[-2:]) if item[0] == "path" else item[1])
     size = detector.image_size
 
     score = maps["score"]
@@ -211,25 +218,27 @@ def main() -> None:
     threshold = state.current_threshold(chosen, detector, report)
     st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
                f"{detector.image_size} px · threshold {threshold:.4f}")
+    item = st.session_state.get("inspect_item")
+    category_folder = chosen.source.root / chosen.category
+    if item is not None and item[0] == "path" and not item[1].startswith(str(category_folder)):
+        item = st.session_state.inspect_item = None  # chosen under another category
     source = st.segmented_control("Images", ["Test images", "Upload"], default="Test images",
                                   key="inspect_source")
     if source == "Upload":
         _upload(chosen)
-    else:
-        _browse(chosen, report)
+        item = st.session_state.get("inspect_item")
+    if item is not None and (item[0] == "upload") == (source == "Upload"):
+        _detail(chosen, detector, report, item)
+        st.divider()
+    if source != "Upload":
+        with st.expander("Test images", expanded=item is None):
+            _browse(chosen, report)
         if report:
             table = pd.DataFrame(report["images"])
             st.download_button("Scores of the test images (CSV)",
                                table.to_csv(index=False).encode(),
                                f"{chosen.category}_{chosen.backbone}_scores.csv", "text/csv",
                                key="dl_csv")
-    item = st.session_state.get("inspect_item")
-    category_folder = chosen.source.root / chosen.category
-    if item is not None and item[0] == "path" and not item[1].startswith(str(category_folder)):
-        item = st.session_state.inspect_item = None  # chosen under another category
-    if item is not None:
-        st.divider()
-        _detail(chosen, detector, report, item)
 
 
 main()
