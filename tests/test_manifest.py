@@ -65,3 +65,20 @@ def test_files_outside_the_manifest_folder_are_refused(tmp_path):
     outside = _checkpoint(tmp_path / "elsewhere")
     with pytest.raises(ManifestError, match="must lie under"):
         register(tmp_path / "models" / "manifest.json", outside, "d", "c", "resnet18")
+
+
+def test_committed_builtin_models_are_listed_intact_and_load():
+    from rd.data.synthetic import SYNTHETIC_CATEGORIES
+    from rd.detector import load
+    from rd.manifest import PROJECT_MANIFEST
+
+    entries = read_manifest(PROJECT_MANIFEST)
+    assert {e.category for e in entries if e.dataset == "builtin"} == set(SYNTHETIC_CATEGORIES)
+    for entry in entries:
+        path = entry.verify()
+        assert path.stat().st_size < 20 * 1024 * 1024
+        assert "python -m rd train" in entry.command and entry.category in entry.command
+        detector = load(path, device="cpu")
+        assert detector.backbone == entry.backbone
+        assert detector.metadata["category"] == entry.category
+        assert detector.metadata["metrics"]["image_auroc"] == entry.report["image_auroc"]
