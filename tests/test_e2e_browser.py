@@ -81,7 +81,7 @@ def test_inspect_and_evaluate_in_a_browser(server, tmp_path):
         page.set_default_timeout(180_000)
         page.goto(server)
         page.get_by_role("heading", name="Inspect").wait_for()
-        page.get_by_role("button", name="Open").first.click()
+        page.get_by_role("button", name="Open image", exact=True).first.click()
         fused = page.locator('[data-testid="stImage"]', has_text="fused heat map")
         fused.wait_for()
         for caption in ("layer 1 · stride 4", "layer 2 · stride 8", "layer 3 · stride 16",
@@ -97,9 +97,10 @@ def test_inspect_and_evaluate_in_a_browser(server, tmp_path):
 
         page.get_by_role("link", name="Evaluate").click()
         page.get_by_role("heading", name="Evaluate").wait_for()
-        plot = page.locator(".js-plotly-plot").first
-        plot.wait_for()
-        assert plot.locator(".scatterlayer .trace").count() >= 1
+        roc = page.locator(".js-plotly-plot", has_text="false-positive rate").first
+        roc.wait_for()
+        roc.scroll_into_view_if_needed()
+        assert roc.locator(".scatterlayer .trace").count() >= 2  # a curve and the chance line
         page.screenshot(path=str(shots / "evaluate.png"), full_page=True)
         browser.close()
     assert (shots / "inspect.png").stat().st_size > 10_000

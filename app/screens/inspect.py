@@ -87,7 +87,7 @@ def _browse(chosen: state.Selection, report: dict | None) -> None:
             except DataError as error:
                 column.warning(str(error))
                 continue
-            column.button("Open", key=f"open::{sample.path}", width="stretch",
+            column.button("Open image", key=f"open::{sample.path}", width="stretch",
                           on_click=_open, args=(("path", str(sample.path)),))
 
 
