@@ -92,6 +92,15 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     return float(skm.roc_auc_score(y, s))
 
 
+def _sorted_pixel_scores(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted scores of the normal pixels and of the defective pixels."""
+    m, a = _masks_and_maps(masks, maps)
+    y = m.ravel()
+    _require_both_classes(y, "masks")
+    s = a.ravel()
+    return np.sort(s[~y]), np.sort(s[y])
+
+
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     """Pixel-level AUROC over all pixels of all images.
 
@@ -99,12 +108,7 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     trapezoidal ROC area; two sorts and a binary search are about 10x faster than
     roc_auc_score on millions of pixels.
     """
-    m, a = _masks_and_maps(masks, maps)
-    y = m.ravel()
-    _require_both_classes(y, "masks")
-    s = a.ravel()
-    neg = np.sort(s[~y])
-    pos = np.sort(s[y])
+    neg, pos = _sorted_pixel_scores(masks, maps)
     below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
     below_or_tied = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64)
     return float((below + below_or_tied) / (2.0 * neg.size * pos.size))
@@ -237,18 +241,14 @@ def pixel_roc_curve(
     """
     if max_points < 2:
         raise ValueError(f"max_points must be >= 2; got {max_points}")
-    m, a = _masks_and_maps(masks, maps)
-    y = m.ravel()
-    _require_both_classes(y, "masks")
-    s = a.ravel()
-    neg = np.sort(s[~y])
-    pos = np.sort(s[y])
+    neg, pos = _sorted_pixel_scores(masks, maps)
     thresholds = _distinct_descending(neg, pos)
     fpr = (neg.size - np.searchsorted(neg, thresholds, side="left")) / neg.size
     tpr = (pos.size - np.searchsorted(pos, thresholds, side="left")) / pos.size
     fpr = np.concatenate(([0.0], fpr))
     tpr = np.concatenate(([0.0], tpr))
-    thresholds = np.concatenate(([_above_threshold_max(s)], thresholds.astype(np.float64)))
+    top = _above_threshold_max(np.concatenate((neg[-1:], pos[-1:])))
+    thresholds = np.concatenate(([top], thresholds.astype(np.float64)))
 
     if fpr.size > max_points:
         length = np.concatenate(([0.0], np.cumsum(np.hypot(np.diff(fpr), np.diff(tpr)))))
