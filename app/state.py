@@ -7,6 +7,7 @@ file is reloaded); inference runs under one lock (one GPU, many sessions); resul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from dataclasses import dataclass
@@ -75,6 +76,11 @@ def _sources(extra: tuple[tuple[str, str], ...]) -> list[DataSource]:
     return available_sources({name: Path(root) for name, root in extra})
 
 
+def data_sources() -> list[DataSource]:
+    """Every data source the sidebar offers (the Train page's form lists them too)."""
+    return _sources(_remembered_roots())
+
+
 def _devices() -> list[str]:
     return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
 
@@ -103,8 +109,19 @@ def _add_root_form() -> None:
             st.rerun()
 
 
+@st.cache_resource(show_spinner=False)
+def _check_jobs_at_start() -> None:
+    """Once per app start: a scheduler step (rd.jobs), so that jobs whose process died with the
+    app's last run or the machine show as interrupted, and queued jobs start."""
+    from rd import jobs
+
+    with contextlib.suppress(ValueError, OSError):  # the Train page shows these
+        jobs.schedule()
+
+
 def sidebar() -> None:
     """Draw the shared sidebar and store the selection in the session."""
+    _check_jobs_at_start()
     st.sidebar.title("RD Studio")
     try:
         sources = _sources(_remembered_roots())

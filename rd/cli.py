@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from rd import download
+from rd import download, export, jobs, novelty
 from rd.backbones import DEFAULT_BACKBONE, WeightsError, list_backbones
 from rd.checkpoints import CheckpointError, atomic_write, import_reference, read_metadata
 from rd.data import DataError, MVTecCategory, PlainFolders, holdout_view, read_image
+from rd.detector import add_inference_options, inference_options
 from rd.evaluation import EvaluationError, evaluate, summary_rows
 from rd.training import TrainConfig, TrainingError, train
 
@@ -81,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, cache_teacher=args.cache_teacher,
         checkpoint_every=args.checkpoint_every, workers=args.workers,
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
-        init=str(args.init) if args.init else None)
+        init=str(args.init) if args.init else None, normalize=args.normalize)
     config.validate()
     if args.out.exists() and not (args.resume or args.overwrite):
         raise TrainingError(f"{args.out} exists: pass --overwrite to replace it, or --resume")
@@ -89,6 +90,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "command": shlex.join(["python", "-m", "rd", *args.argv])}
     result = train(data.train_samples(), config, args.out, metadata, resume=args.resume,
                    progress=not args.quiet)
+    if result.rank:
+        return 0  # under torchrun, rank 0 alone reports and evaluates
     print(f"trained {result.epochs_trained} epochs in {result.seconds:.1f} s; "
           f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}; "
           f"checkpoint {args.out}")
@@ -122,7 +125,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     data = _open_data(args)
     test = data.test_samples()
-    detector = load(args.checkpoint, args.device, args.teacher_weights)
+    detector = load(args.checkpoint, args.device, args.teacher_weights,
+                    **inference_options(args))
     detector.batch_size = args.batch_size
     report = evaluate(detector, test, legacy_pro=args.legacy_pro, progress=not args.quiet,
                       workers=args.workers)
@@ -139,7 +143,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from rd.detector import load
     from rd.visualize import colorize, overlay
 
-    detector = load(args.checkpoint, args.device, args.teacher_weights)
+    detector = load(args.checkpoint, args.device, args.teacher_weights,
+                    **inference_options(args))
     threshold = detector.metadata.get("metrics", {}).get("thresholds", {}).get("f1")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--teacher-weights", type=Path, help="teacher weights file (state dict)")
     p.add_argument("--init", type=Path, help="fine-tune from this checkpoint's student")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the teacher's mean/std to the input (default); "
+                   "--no-normalize feeds pixels in [0, 1]")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-evaluate", action="store_true", help="skip the final test-set report")
@@ -266,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--teacher-weights", type=Path)
     p.add_argument("--quiet", action="store_true")
+    add_inference_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = commands.add_parser("predict", help="score images (and write heat maps)",
@@ -277,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for overlays and raw maps")
     p.add_argument("--device", default="auto")
     p.add_argument("--teacher-weights", type=Path)
+    add_inference_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = commands.add_parser("import-reference", help="convert a reference-code checkpoint",
@@ -318,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_builtin)
 
     download.add_parser(commands)
+    jobs.add_parser(commands)
+    novelty.add_parser(commands)
+    export.add_parser(commands)
 
     p = commands.add_parser("info", help="parameter counts, or a checkpoint's metadata",
                             description="info --backbone B: parameter counts (no weights "

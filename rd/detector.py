@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,13 @@ from rd.checkpoints import load_checkpoint
 from rd.data import ImageSource, Preprocess
 from rd.model import Prediction, ReverseDistillation, resolve_device
 
+# --amp choices: autocast dtypes for the teacher and student (the maps stay float32).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Most images one CPU forward pass takes: past a few 256 px images the activations overflow the
+# caches and each image gets slower (on the project's CPU, chunks of 4 were 1.1-1.7x faster per
+# image than 16; benchmarks/inference.py). GPUs take whole batches.
+CPU_CHUNK = 4
+
 
 @dataclass
 class Detection:
@@ -26,16 +34,31 @@ class Detection:
 
 
 class Detector:
-    """A trained student with its teacher, preprocessing and metadata, ready to predict."""
+    """A trained student with its teacher, preprocessing and metadata, ready to predict.
+
+    Speed options, all off by default: ``amp`` ("bf16" or "fp16", CUDA only) autocasts teacher
+    and student (maps within about 1e-2 of float32: docs/performance.md); ``channels_last``
+    stores weights and inputs NHWC, which cuDNN's and oneDNN's fastest convolutions want (same
+    maps within 1e-5); ``compile`` runs the whole predict graph through ``torch.compile`` (a
+    one-off compilation of tens of seconds per batch shape, then fewer, fused kernels).
+    """
 
     def __init__(self, model: ReverseDistillation, metadata: dict[str, Any],
-                 device: str | torch.device | None = None, batch_size: int = 16) -> None:
+                 device: str | torch.device | None = None, batch_size: int = 16, *,
+                 amp: str | None = None, channels_last: bool = False,
+                 compile: bool = False) -> None:
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        if amp is not None and (amp not in AMP_DTYPES or self.device.type != "cuda"):
+            raise ValueError(f"--amp takes one of {sorted(AMP_DTYPES)} and needs a CUDA device; "
+                             f"got {amp!r} on {self.device}")
+        self.amp = None if amp is None else AMP_DTYPES[amp]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.metadata = metadata
         self.preprocess = Preprocess.from_dict(metadata["preprocess"])
         self.fusion = metadata.get("fusion", "sum")
         self.batch_size = batch_size
+        self._predict = torch.compile(self.model.predict) if compile else self.model.predict
 
     @property
     def backbone(self) -> str:
@@ -59,8 +82,13 @@ class Detector:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise ValueError(f"expected a preprocessed batch of shape (N, {expected[0]}, "
                              f"{expected[1]}, {expected[2]}), got {tuple(batch.shape)}")
-        parts = [self.model.predict(chunk.to(self.device), self.fusion)
-                 for chunk in batch.split(self.batch_size)]
+        chunk_size = self.batch_size if self.device.type == "cuda" else min(self.batch_size,
+                                                                              CPU_CHUNK)
+        parts = [self._predict(chunk.to(self.device, memory_format=self.memory_format,
+                                        non_blocking=True), self.fusion, self.amp)
+                 for chunk in batch.split(chunk_size)]
+        if len(parts) == 1:  # the usual case (one image, or one batch): no copy
+            return parts[0]
         return Prediction(*(torch.cat(items) for items in zip(
             *((p.layer_maps, p.fused, p.scores) for p in parts), strict=True)))
 
@@ -76,7 +104,26 @@ class Detector:
 
 
 def load(checkpoint: str | Path, device: str | torch.device | None = None,
-         teacher_weights: str | Path | None = None) -> Detector:
+         teacher_weights: str | Path | None = None, *, amp: str | None = None,
+         channels_last: bool = False, compile: bool = False) -> Detector:
     """Load a checkpoint of this package into a Detector (CUDA when present by default)."""
     model, metadata = load_checkpoint(checkpoint, teacher_weights)
-    return Detector(model, metadata, device)
+    return Detector(model, metadata, device, amp=amp, channels_last=channels_last,
+                    compile=compile)
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """The Detector's speed options as command-line flags (evaluate, predict)."""
+    group = parser.add_argument_group("speed (all off by default)")
+    group.add_argument("--amp", choices=sorted(AMP_DTYPES),
+                       help="autocast teacher and student on CUDA in this precision; maps and "
+                       "scores move by up to about 1e-2")
+    group.add_argument("--channels-last", action="store_true",
+                       help="NHWC weights and inputs (same maps within 1e-5)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the predict graph (slow first batch)")
+
+
+def inference_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``load`` that add_inference_options parsed."""
+    return {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}

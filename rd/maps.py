@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,35 +40,37 @@ def fuse(maps: torch.Tensor, mode: str = "sum") -> torch.Tensor:
     raise ValueError(f"unknown fusion {mode!r}; choose one of {FUSIONS}")
 
 
+# The two caches below hold numpy arrays, never tensors: a tensor made while torch.compile or
+# torch.export traces would be a fake one, and the cache would hand it to later eager calls.
 @lru_cache(maxsize=8)
-def _kernel(sigma: float, truncate: float) -> tuple[torch.Tensor, int]:
+def _kernel(sigma: float, truncate: float) -> tuple[np.ndarray, int]:
     radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    weights = torch.exp(-0.5 * (x / sigma) ** 2)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (x / sigma) ** 2)
     return weights / weights.sum(), radius
 
 
 @lru_cache(maxsize=32)
-def _reflect_index(length: int, radius: int) -> torch.Tensor:
+def _reflect_index(length: int, radius: int) -> np.ndarray:
     """Indices of a length-``length`` axis padded by ``radius`` in SciPy's 'reflect' mode.
 
     'reflect' repeats the edge sample (d c b a | a b c d | d c b a); the mapping below also
     holds when the radius exceeds the axis length.
     """
-    index = torch.arange(-radius, length + radius) % (2 * length)
-    return torch.where(index < length, index, 2 * length - 1 - index)
+    index = np.arange(-radius, length + radius) % (2 * length)
+    return np.where(index < length, index, 2 * length - 1 - index)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = SIGMA, truncate: float = TRUNCATE
                   ) -> torch.Tensor:
     """Separable Gaussian blur of (N, H, W) maps, equal to SciPy's ``gaussian_filter``."""
-    kernel, radius = _kernel(sigma, truncate)
-    kernel = kernel.to(device=maps.device, dtype=maps.dtype)
+    weights, radius = _kernel(sigma, truncate)
+    kernel = torch.as_tensor(weights, dtype=maps.dtype, device=maps.device)
     n, h, w = maps.shape
     x = maps.unsqueeze(1)
-    x = x.index_select(3, _reflect_index(w, radius).to(maps.device))
+    x = x.index_select(3, torch.as_tensor(_reflect_index(w, radius), device=maps.device))
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = x.index_select(2, _reflect_index(h, radius).to(maps.device))
+    x = x.index_select(2, torch.as_tensor(_reflect_index(h, radius), device=maps.device))
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x.view(n, h, w)
 

@@ -52,8 +52,17 @@ class ReverseDistillation(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, fusion: str = "sum") -> Prediction:
-        features, rebuilt = self(images)
+    def predict(self, images: torch.Tensor, fusion: str = "sum",
+                amp: torch.dtype | None = None) -> Prediction:
+        """Maps and scores of a preprocessed batch.
+
+        ``amp`` (torch.bfloat16 or torch.float16) runs teacher and student under autocast, which
+        is where the time goes on a GPU; the cosine, maps, blur and score stay float32, since
+        low-precision cosines of nearly equal features would round the anomaly signal away.
+        """
+        with torch.autocast(images.device.type, dtype=amp or torch.bfloat16,
+                            enabled=amp is not None):
+            features, rebuilt = self(images)
         maps = layer_maps(features, rebuilt, images.shape[-2:])
         smoothed = gaussian_blur(fuse(maps, fusion))
         return Prediction(maps, smoothed, image_scores(smoothed))

@@ -7,20 +7,43 @@ Exact resume: every ``checkpoint_every`` epochs the student, the optimizer state
 are written (atomically) to ``<out>.resume.safetensors``; the shuffling order of epoch ``e`` is
 drawn from a generator seeded by ``(seed, e)``, so a resumed run follows the same path as an
 uninterrupted one.
+
+Graceful stop: SIGTERM (or ``request_stop()``) lets the current step finish, writes the resume
+state at that step (mid-epoch: the position and the epoch's loss sums so far) and raises
+``TrainingStopped``, which ends ``python -m rd train`` with exit code 75 (``STOPPED_EXIT``);
+``--resume`` then continues from that very step.
+
+Distributed data parallel (``torchrun --nproc-per-node N -m rd train ...``; gloo on the CPU,
+nccl on GPUs, one GPU per process): ``--batch-size`` is the *global* batch. Every process draws
+the same ``epoch_order``, cuts it into global batches and takes every N-th image of each
+(``DistributedSampler``'s split, without its padding), so a global batch holds the same images as
+in one process, and the same learning rate applies. Each local loss is weighted by its share of
+the global batch, so the gradients DDP averages equal the one-process gradient of that batch; the
+differences are BatchNorm's batch statistics (computed over each process's part) and float
+summation order: equal in expectation, not bit for bit. A last global batch smaller than N is
+skipped. Each process caches the teacher's features of the whole training set for itself (the
+cache is read in a different order every epoch). Rank 0 alone writes the log, the resume state
+and the checkpoints; the logged loss is the mean over all processes' images.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -39,10 +62,61 @@ from rd.model import ReverseDistillation, build_model, resolve_device
 CACHE_MODES = ("auto", "on", "off")
 # "auto" caches the teacher's features when they fit in this many bytes.
 AUTO_CACHE_BYTES = 4 << 30
+# Exit code of a training stopped on request (EX_TEMPFAIL: try again later, i.e. --resume).
+STOPPED_EXIT = 75
+
+_STOP = threading.Event()
 
 
 class TrainingError(RuntimeError):
     """Training cannot start or continue; the message says what to change."""
+
+
+class TrainingStopped(SystemExit):
+    """Training stopped on request after a step, its resume state written.
+
+    A SystemExit, so that ``python -m rd train`` (and each torchrun process) ends with
+    ``STOPPED_EXIT`` without a traceback, and the job runner can tell a stop from a failure.
+    """
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(STOPPED_EXIT)
+        self.epoch, self.step = epoch, step
+
+
+def request_stop() -> None:
+    """Ask a running ``train()`` to stop after its current step (what SIGTERM does)."""
+    _STOP.set()
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes torchrun started (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def current_world() -> World:
+    """Read from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    env = os.environ
+    return World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                 int(env.get("LOCAL_RANK", 0)))
+
+
+def die_with_parent() -> None:
+    """Linux: be killed when the parent process dies, so that killing a job's launcher (torchrun,
+    or the job process above it) never leaves orphans training on. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 @dataclass
@@ -63,6 +137,8 @@ class TrainConfig:
     workers: int = 0
     teacher_weights: str | None = None
     init: str | None = None
+    # False feeds pixels in [0, 1] without the teacher's mean/std (the paper's MNIST handling)
+    normalize: bool = True
 
     def validate(self) -> None:
         get_backbone(self.backbone)
@@ -85,7 +161,7 @@ class TrainConfig:
     def recipe(self) -> dict[str, Any]:
         """The settings that determine the result (recorded in checkpoints, checked on resume)."""
         keys = ("backbone", "image_size", "epochs", "batch_size", "lr", "betas", "seed", "amp",
-                "init")
+                "init", "normalize")
         values = asdict(self)
         return {k: list(values[k]) if k == "betas" else values[k] for k in keys}
 
@@ -96,6 +172,18 @@ class TrainResult:
     epochs_trained: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    rank: int = 0  # under torchrun, only rank 0 goes on to evaluate and report
+
+
+@dataclass(frozen=True)
+class _Position:
+    """Where training stands: epochs completed, steps done into the next one, and that epoch's
+    loss sums so far (this process's share)."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
 
 
 def resume_path(out: str | Path) -> Path:
@@ -121,17 +209,52 @@ def train(samples: Sequence[Sample], config: TrainConfig, out: str | Path,
     """Train a student on normal ``samples`` and write the checkpoint ``out``.
 
     ``metadata`` (category, data source...) is stored in the checkpoint. ``on_epoch`` receives
-    each epoch's log record.
+    each epoch's log record. Under torchrun every process calls this (see the module's notes);
+    SIGTERM stops it gracefully (``TrainingStopped``).
     """
     config.validate()
     out = Path(out)
     if not samples:
         raise TrainingError("no training images: the normal-image folder is empty")
+    place = current_world()
+    if place.size > max(1, min(config.batch_size, len(samples))):
+        raise TrainingError(f"{place.size} processes need a batch size and a training set of at "
+                            f"least {place.size} images (one per process and step)")
     device = resolve_device(config.device)
     if config.amp and device.type != "cuda":
         raise TrainingError("--amp needs a CUDA device; leave it off on the CPU")
+    if place.size > 1 and device.type == "cuda":
+        device = torch.device("cuda", place.local_rank)
+        torch.cuda.set_device(device)
+    joined = place.size > 1 and not dist.is_initialized()
+    if joined:
+        die_with_parent()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    restore = _stop_on_sigterm()
+    try:
+        return _fit(samples, config, out, metadata, resume, progress, on_epoch, device, place)
+    finally:
+        restore()
+        _STOP.clear()
+        if joined:
+            dist.destroy_process_group()
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM a stop request while training (main thread only); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda *_: request_stop())
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
+         metadata: dict[str, Any] | None, resume: bool, progress: bool,
+         on_epoch: Callable[[dict[str, Any]], None] | None, device: torch.device,
+         place: World) -> TrainResult:
     spec = get_backbone(config.backbone)
-    preprocess = Preprocess(config.image_size, spec.mean, spec.std)
+    preprocess = (Preprocess(config.image_size, spec.mean, spec.std) if config.normalize
+                  else Preprocess(config.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     dataset = ImageDataset(samples, preprocess)
     dataset.check()
 
@@ -144,11 +267,18 @@ def train(samples: Sequence[Sample], config: TrainConfig, out: str | Path,
         [*model.bottleneck.parameters(), *model.decoder.parameters()],
         lr=config.lr, betas=config.betas)
 
-    start_epoch = 0
+    position = _Position()
     if resume:
-        start_epoch = _load_resume_state(model, optimizer, config, out)
-    elif resume_path(out).exists():
+        position = _load_resume_state(model, optimizer, config, out)
+        if not place.main:  # the saved loss sums are the total: counted once, on rank 0
+            position = replace(position, loss_sum=0.0, images=0)
+    elif place.main and resume_path(out).exists():
         resume_path(out).unlink()  # a fresh run: a stale resume state must not be picked up
+    student: Callable[[list[torch.Tensor]], list[torch.Tensor]] = model.student
+    if place.size > 1:
+        student = DistributedDataParallel(
+            nn.Sequential(model.bottleneck, model.decoder),
+            device_ids=[device.index] if device.type == "cuda" else None)
 
     cache = _teacher_cache(model, dataset, config, device)
     base_metadata = {
@@ -158,33 +288,65 @@ def train(samples: Sequence[Sample], config: TrainConfig, out: str | Path,
         "train_images": len(samples),
         **(metadata or {}),
     }
-    result = TrainResult(model, start_epoch)
+    result = TrainResult(model, position.epoch, rank=place.rank)
     started = time.perf_counter()
-    epochs = range(start_epoch + 1, config.epochs + 1)
-    bar = tqdm(epochs, desc="train", unit="epoch", disable=not progress, file=sys.stderr,
-               initial=start_epoch, total=config.epochs)
+    epochs = range(position.epoch + 1, config.epochs + 1)
+    bar = tqdm(epochs, desc="train", unit="epoch", disable=not (progress and place.main),
+               file=sys.stderr, initial=position.epoch, total=config.epochs)
     log_file = log_path(out)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        log_file.write_text("")
+    if place.main:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _trim_log(log_file, position.epoch)
+        else:
+            log_file.write_text("")
     for epoch in bar:
         epoch_start = time.perf_counter()
-        loss = _run_epoch(model, optimizer, dataset, cache, config, epoch, device)
+        run = _run_epoch(student, model, optimizer, dataset, cache, config, epoch, device, place,
+                         position)
+        loss_sum, images, trained = _sum_over_processes(
+            place, device, run.loss_sum, run.images, run.trained)
+        if run.stopped:
+            if place.main:
+                _save_resume_state(model, optimizer, config,
+                                   _Position(epoch - 1, run.step, loss_sum, int(images)), out)
+                print(f"stopped on request at epoch {epoch}, step {run.step}: resume state "
+                      f"{resume_path(out)}", file=sys.stderr)
+            raise TrainingStopped(epoch - 1, run.step)
+        position = _Position(epoch)
+        loss = loss_sum / images
         seconds = time.perf_counter() - epoch_start
         record = {"epoch": epoch, "loss": loss, "seconds": round(seconds, 3),
-                  "images_per_s": round(len(dataset) / seconds, 2), "lr": config.lr}
-        with log_file.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+                  "images_per_s": round(trained / seconds, 2), "lr": config.lr}
         result.losses.append(loss)
         result.epochs_trained = epoch
         bar.set_postfix(loss=f"{loss:.4f}")
+        if not place.main:
+            continue
+        with log_file.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
         if on_epoch:
             on_epoch(record)
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-            _save_resume_state(model, optimizer, config, epoch, out)
+            _save_resume_state(model, optimizer, config, position, out)
             save_checkpoint(model, out, {**base_metadata, "epochs_trained": epoch})
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _trim_log(log_file: Path, epochs: int) -> None:
+    """Keep the records of the first ``epochs`` epochs: the resumed run writes the later ones
+    again (a killed run may have logged epochs past its last resume state, or a torn line)."""
+    lines = log_file.read_text().splitlines() if log_file.exists() else []
+    kept = [line for line in lines if _epoch_of(line) <= epochs]
+    atomic_write(log_file, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in kept)))
+
+
+def _epoch_of(line: str) -> float:
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _init_from(model: ReverseDistillation, config: TrainConfig) -> None:
@@ -219,51 +381,97 @@ def _autocast(config: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp)
 
 
-def _run_epoch(model: ReverseDistillation, optimizer: torch.optim.Optimizer,
+@dataclass
+class _EpochRun:
+    """What one call of ``_run_epoch`` did (sums over this process's images)."""
+
+    step: int
+    loss_sum: float
+    images: int
+    trained: int = 0  # images trained on in this call (a resumed epoch skips the first steps)
+    stopped: bool = False
+
+
+def _steps(order: list[int], batch_size: int, place: World) -> list[tuple[list[int], int]]:
+    """This process's images of each global batch, with the global batch's size."""
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [(batch[place.rank::place.size], len(batch)) for batch in batches
+            if len(batch) >= place.size]
+
+
+def _run_epoch(student: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+               model: ReverseDistillation, optimizer: torch.optim.Optimizer,
                dataset: ImageDataset, cache: list[torch.Tensor] | None, config: TrainConfig,
-               epoch: int, device: torch.device) -> float:
+               epoch: int, device: torch.device, place: World, position: _Position
+               ) -> _EpochRun:
+    """Train one epoch from ``position`` (its steps and loss sums, when resuming into it)."""
     model.train()
-    order = epoch_order(config.seed, epoch, len(dataset))
+    steps = _steps(epoch_order(config.seed, epoch, len(dataset)), config.batch_size, place)
+    todo = steps[position.step:]
     if cache is None:
-        loader = DataLoader(dataset, batch_size=config.batch_size, sampler=order,
+        loader = DataLoader(dataset, batch_sampler=[local for local, _ in todo],
                             num_workers=config.workers, pin_memory=device.type == "cuda")
         batches = ((model.teacher, batch["image"].to(device, non_blocking=True))
                    for batch in loader)
     else:
-        index = torch.tensor(order, device=cache[0].device)
-        batches = ((None, [f[chunk] for f in cache])
-                   for chunk in index.split(config.batch_size))
-    total, count = 0.0, 0
-    for teacher, inputs in batches:
+        batches = ((None, [f[torch.tensor(local, device=f.device)] for f in cache])
+                   for local, _ in todo)
+    run = _EpochRun(position.step, position.loss_sum, position.images)
+    for (teacher, inputs), (local, global_size) in zip(batches, todo, strict=True):
         try:
             with _autocast(config, device):
                 features = teacher(inputs) if teacher is not None else inputs
-                loss = reverse_distillation_loss(features, model.student(features))
+                loss = reverse_distillation_loss(features, student(features))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages gradients over processes; weighting by the share of the global batch
+            # makes that average the global batch's mean gradient (a factor of 1 in one process).
+            (loss * (place.size * len(local) / global_size)).backward()
             optimizer.step()
         except torch.OutOfMemoryError:
             raise TrainingError(f"out of GPU memory at batch size {config.batch_size}: try "
                                 f"--batch-size {max(1, config.batch_size // 2)}") from None
-        size = features[0].shape[0]
-        total += loss.item() * size
-        count += size
-    return total / count
+        run.loss_sum += loss.item() * len(local)
+        run.images += len(local)
+        run.trained += len(local)
+        run.step += 1
+        if _stop_requested(place, device):
+            run.stopped = True
+            break
+    return run
+
+
+def _stop_requested(place: World, device: torch.device) -> bool:
+    """Whether to stop now; under DDP all processes agree (any request stops all at once)."""
+    if place.size == 1:
+        return _STOP.is_set()
+    flag = torch.tensor([float(_STOP.is_set())], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _sum_over_processes(place: World, device: torch.device, *values: float) -> list[float]:
+    if place.size == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def _save_resume_state(model: ReverseDistillation, optimizer: torch.optim.Optimizer,
-                       config: TrainConfig, epoch: int, out: Path) -> None:
+                       config: TrainConfig, position: _Position, out: Path) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous()
                for k, v in model.student_state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    meta = {"epoch": str(epoch), "recipe": json.dumps(config.recipe(), sort_keys=True)}
+    meta = {"epoch": str(position.epoch), "step": str(position.step),
+            "loss_sum": repr(position.loss_sum), "images": str(position.images),
+            "recipe": json.dumps(config.recipe(), sort_keys=True)}
     atomic_write(resume_path(out), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def _load_resume_state(model: ReverseDistillation, optimizer: torch.optim.Optimizer,
-                       config: TrainConfig, out: Path) -> int:
+                       config: TrainConfig, out: Path) -> _Position:
     path = resume_path(out)
     if not path.is_file():
         raise TrainingError(f"nothing to resume: {path} does not exist (start without --resume)")
@@ -273,7 +481,9 @@ def _load_resume_state(model: ReverseDistillation, optimizer: torch.optim.Optimi
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         tensors = load_file(str(path))
-        epoch, recipe = int(meta["epoch"]), json.loads(meta["recipe"])
+        position = _Position(int(meta["epoch"]), int(meta.get("step", 0)),
+                             float(meta.get("loss_sum", 0.0)), int(meta.get("images", 0)))
+        recipe = json.loads(meta["recipe"])
     except Exception as error:
         raise TrainingError(f"cannot resume from {path}: {error}") from None
     ours = config.recipe()
@@ -282,8 +492,9 @@ def _load_resume_state(model: ReverseDistillation, optimizer: torch.optim.Optimi
     if changed:
         raise TrainingError(f"cannot resume {path}: settings differ from the stopped run "
                             f"(setting: (stopped run, now)): {changed}")
-    if epoch >= config.epochs:
-        raise TrainingError(f"{path} already reached epoch {epoch}; raise --epochs to continue")
+    if position.epoch >= config.epochs:
+        raise TrainingError(f"{path} already reached epoch {position.epoch}; raise --epochs to "
+                            "continue")
     try:
         load_student(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
                      str(path))
@@ -296,4 +507,4 @@ def _load_resume_state(model: ReverseDistillation, optimizer: torch.optim.Optimi
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state,
                                "param_groups": optimizer.state_dict()["param_groups"]})
-    return epoch
+    return position

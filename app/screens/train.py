@@ -1,22 +1,242 @@
-"""Train: until background training jobs land, how to train a model from the command line."""
+"""Train: start background training jobs and follow them.
+
+Jobs are processes with their state on disk (``rd.jobs``), so leaving this page, reloading it or
+restarting the app loses nothing: the table is read back from the jobs folder at every poll,
+and each poll is also a scheduler step (it starts queued jobs and notices dead ones).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import secrets
 import shlex
+import time
+from collections.abc import Callable
 
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
+import torch
 
 from app import state
+from rd import jobs
+from rd.backbones import list_backbones
+from rd.checkpoints import CheckpointError, read_metadata
+from rd.data import DataError, list_categories
+from rd.data.sources import DataSource
+from rd.manifest import ManifestError, ModelEntry, all_models
+from rd.training import TrainConfig
 
-st.title("Train")
-st.info("Training jobs launched from this page (background processes with progress, loss "
-        "curves, cancel and resume) are the next feature to land. Until then, train from a "
-        "terminal: the app picks the model up once it is registered.")
-chosen = state.selection()
-if chosen is not None:
-    out = f"{chosen.source.name}-{chosen.category}-{chosen.backbone}.safetensors"
-    command = ["python", "-m", "rd", "train", "--data", str(chosen.source.root),
-               "--category", chosen.category, "--backbone", chosen.backbone, "--out", out]
-    st.markdown(f"**Train {chosen.backbone} on {chosen.source.name} / {chosen.category}** "
-                "with the paper's recipe (200 epochs; `--epochs 60` is a quicker start):")
-    st.code(shlex.join(command), language="bash")
+POLL_S = 2.0
+SCRATCH = "scratch"
+NONCE = "train::nonce"
+SELECTED = "train::job"
+ERROR = "train::error"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else (
+        f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s")
+
+
+def _index(options: list[str], wanted: str | None) -> int:
+    return options.index(wanted) if wanted in options else 0
+
+
+def _init_choices(backbone: str) -> dict[str, ModelEntry | None]:
+    """Where a job can start: from scratch, or from any registered student of this backbone."""
+    try:
+        entries = [e for e in all_models() if e.backbone == backbone]
+    except ManifestError as error:
+        st.warning(f"Cannot list the registered models: {error}")
+        entries = []
+    return {SCRATCH: None, **{f"{e.dataset} / {e.category} ({e.path.name})": e
+                              for e in sorted(entries, key=lambda e: (e.dataset, e.category))}}
+
+
+def _form() -> None:
+    """The training form; a click on Start submits it once (idempotent per form and session)."""
+    chosen = state.selection()
+    defaults = TrainConfig()
+    sources = state.data_sources()
+    names = [s.name for s in sources]
+    left, middle, right = st.columns(3)
+    source: DataSource = sources[left.selectbox(
+        "Data", range(len(sources)), format_func=lambda i: names[i], key="train::source",
+        index=_index(names, chosen.source.name if chosen else None))]
+    try:
+        categories = list_categories(source.root)
+    except DataError as error:
+        st.error(str(error))
+        return
+    category = middle.selectbox("Category", categories, key="train::category",
+                                index=_index(categories, chosen.category if chosen else None))
+    backbones = list_backbones()
+    backbone = right.selectbox("Backbone", backbones, key="train::backbone",
+                               index=_index(backbones, chosen.backbone if chosen else None))
+    choices = _init_choices(backbone)
+    start = st.selectbox("Start from", list(choices), key=f"train::init::{backbone}",
+                         help="A registered student to fine-tune (same backbone; the image size "
+                         "follows it), or random initialisation.")
+    init = choices[start]
+    fixed_size = None
+    if init is not None:
+        try:
+            fixed_size = read_metadata(init.path)["preprocess"]["size"]
+        except (CheckpointError, KeyError) as error:
+            st.error(f"Cannot fine-tune from {init.path}: {error}")
+            return
+    columns = st.columns(4)
+    epochs = columns[0].number_input("Epochs", 1, 100_000, defaults.epochs, key="train::epochs")
+    batch = columns[1].number_input("Batch size (global)", 1, 4096, defaults.batch_size,
+                                    key="train::batch")
+    size = columns[2].number_input("Image size", 32, 2048, fixed_size or defaults.image_size,
+                                   step=32, key=f"train::size::{fixed_size}",
+                                   disabled=fixed_size is not None)
+    lr = columns[3].number_input("Learning rate", 1e-6, 1.0, defaults.lr, format="%.5f",
+                                 step=1e-4, key="train::lr")
+    columns = st.columns(3)
+    devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    device = columns[0].selectbox("Device", devices, index=len(devices) - 1,
+                                  key="train::device")
+    most = torch.cuda.device_count() if device == "cuda" else (os.cpu_count() or 1)
+    nproc = columns[1].number_input(
+        "GPUs" if device == "cuda" else "Processes", 1, max(1, most), 1, key="train::nproc",
+        help="More than one: distributed data parallel (torchrun); the batch size is split "
+        "across them, so the same learning rate applies.")
+    name = columns[2].text_input("Name (optional)", key="train::name", max_chars=60)
+
+    args = ["--data", str(source.root), "--category", category, "--backbone", backbone,
+            "--epochs", str(epochs), "--batch-size", str(batch), "--image-size", str(size),
+            "--lr", repr(float(lr)), "--device", device]
+    if init is not None:
+        args += ["--init", str(init.path)]
+    st.caption(f"`python -m rd train {shlex.join(args)}`"
+               + (f" on {nproc} processes" if nproc > 1 else ""))
+    if st.button("Start training", type="primary", icon=":material/play_arrow:",
+                 key="train::start"):
+        _submit(args, name, source.name, int(nproc))
+
+
+def _submit(args: list[str], name: str, dataset: str, nproc: int) -> None:
+    """Submit with a key made of the form and a per-session nonce: a second click (or a rerun)
+    of the same form returns the same job; once that job is over, the same form starts anew."""
+    form = {"args": args, "name": name, "dataset": dataset, "nproc": nproc}
+
+    def key() -> str:
+        payload = json.dumps({**form, "nonce": st.session_state[NONCE]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    st.session_state.setdefault(NONCE, secrets.token_hex(8))
+    previous = [j for j in jobs.list_jobs() if j.spec.get("idempotency_key") == key()]
+    if previous and previous[0].state not in jobs.ACTIVE:
+        st.session_state[NONCE] = secrets.token_hex(8)
+    try:
+        job = jobs.submit(args, name=name, dataset=dataset, nproc=nproc,
+                          idempotency_key=key())
+    except (jobs.JobError, OSError) as error:
+        st.error(f"Not started: {error}")
+        return
+    st.session_state[SELECTED] = job.id
+    st.success(f"Job {job.id}: {job.state}.")
+
+
+def _loss_figure(records: list[dict]) -> go.Figure:
+    figure = go.Figure(go.Scatter(x=[r["epoch"] for r in records],
+                                  y=[r["loss"] for r in records], mode="lines+markers",
+                                  name="training loss"))
+    figure.update_layout(height=300, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                         title="Training loss", xaxis_title="epoch", yaxis_title="loss")
+    return figure
+
+
+def _table(all_jobs: list[jobs.Job]) -> pd.DataFrame:
+    rows = []
+    for job in reversed(all_jobs):
+        progress, records = job.progress(), job.metrics()
+        rows.append({
+            "job": job.id, "state": job.state, "progress": progress.fraction,
+            "epoch": f"{progress.epoch}/{progress.epochs}",
+            "loss": records[-1]["loss"] if records else None,
+            "ETA": _duration(progress.eta_s),
+            "data": f"{job.spec['dataset']} / {job.spec['category']}",
+            "backbone": job.spec["backbone"], "processes": job.spec["nproc"],
+            "submitted": time.strftime("%Y-%m-%d %H:%M", time.localtime(job.spec["submitted"])),
+        })
+    return pd.DataFrame(rows)
+
+
+@st.fragment(run_every=POLL_S)
+def _jobs_panel() -> None:
+    """The jobs table and the chosen job's details, redrawn every POLL_S seconds."""
+    try:
+        all_jobs = jobs.schedule()
+    except (jobs.JobError, OSError) as error:
+        st.error(f"Cannot read the jobs: {error}")
+        return
+    if not all_jobs:
+        st.caption(f"No jobs yet. They are kept in {jobs.jobs_root()}.")
+        return
+    st.dataframe(_table(all_jobs), hide_index=True, column_config={
+        "progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
+                                                    format="percent"),
+        "loss": st.column_config.NumberColumn(format="%.4f")})
+    by_id = {job.id: job for job in reversed(all_jobs)}
+    if st.session_state.get(SELECTED) not in by_id:
+        st.session_state[SELECTED] = next(iter(by_id))
+    job = by_id[st.selectbox("Job", list(by_id), key=SELECTED)]
+    _details(job)
+
+
+def _details(job: jobs.Job) -> None:
+    progress = job.progress()
+    eta = f" · about {_duration(progress.eta_s)} left" if progress.eta_s is not None else ""
+    st.progress(progress.fraction,
+                text=f"**{job.state}** · epoch {progress.epoch}/{progress.epochs}{eta}")
+    if job.status.get("message"):
+        st.caption(job.status["message"])
+    if ERROR in st.session_state:
+        st.error(st.session_state.pop(ERROR))
+    left, right, link = st.columns(3)
+    if job.state in jobs.ACTIVE:
+        left.button("Cancel", icon=":material/stop:", key=f"cancel::{job.id}",
+                    on_click=_act, args=(jobs.cancel, job.id))
+    if job.state in jobs.RESUMABLE:
+        right.button("Resume", icon=":material/replay:", key=f"resume::{job.id}",
+                     on_click=_act, args=(jobs.resume, job.id))
+    if job.state == "succeeded":
+        link.page_link("screens/inspect.py", label="Inspect the model",
+                       icon=":material/image_search:")
+    records = job.metrics()
+    if records:
+        st.plotly_chart(_loss_figure(records), key=f"loss::{job.id}")
+    st.caption(f"`python -m rd train {shlex.join(job.spec['train_args'])}` · "
+               f"{job.spec['nproc']} process(es) · folder `{job.folder}`")
+    st.code(job.log_tail(40) or "(no output yet)", language="text", height=320)
+
+
+def _act(action: Callable[[str], jobs.Job], job_id: str) -> None:
+    """Button callback (it runs before the redraw, which then shows the new state)."""
+    try:
+        action(job_id)
+    except jobs.JobError as error:
+        st.session_state[ERROR] = str(error)
+
+
+def main() -> None:
+    st.title("Train")
+    st.caption("Each job runs as its own process and keeps going when you leave or reload "
+               "this page; a finished model is registered and appears in Inspect, Evaluate "
+               "and Review.")
+    with st.container(border=True):
+        _form()
+    _jobs_panel()
+
+
+main()

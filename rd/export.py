@@ -1,0 +1,144 @@
+"""``python -m rd export``: the whole inference graph of a checkpoint as one ONNX file.
+
+One file holds teacher, student, per-layer ``1 - cos`` maps, fusion, the Gaussian blur and the
+score, so a deployment needs no Python and no SciPy: feed it preprocessed images, read the same
+maps and scores ``Detector.predict`` gives. The batch axis is dynamic.
+
+Graph inputs and outputs (S = the checkpoint's image size)::
+
+    images      float32 (N, 3, S, S)  resized to S×S, scaled to [0, 1], normalised (mean, std)
+    layer_maps  float32 (N, 3, S, S)  unsmoothed 1 - cos per teacher layer
+    fused       float32 (N, S, S)     fused, Gaussian-smoothed anomaly map
+    scores      float32 (N,)          image scores (max of ``fused``)
+
+The preprocessing (size, mean, std), backbone, fusion and stored thresholds travel in the ONNX
+file's metadata (``rd.*`` keys), so a consumer can preprocess and threshold without the
+checkpoint. Export uses torch's ``torch.export``-based exporter (needs ``onnx`` and
+``onnxscript``); ``verify_onnx`` checks a file against torch with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rd.checkpoints import atomic_write
+from rd.detector import Detector, load
+
+FORMATS = ("onnx",)
+DEFAULT_OPSET = 18  # the torch.export-based exporter's own opset: no version conversion
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["layer_maps", "fused", "scores"]
+TOLERANCE = 1e-4  # onnxruntime against torch, max absolute difference of every output
+
+
+class ExportError(ValueError):
+    """The graph cannot be exported or does not match torch."""
+
+
+class InferenceGraph(nn.Module):
+    """``ReverseDistillation.predict`` as a module returning plain tensors (what exporters take)."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.model = detector.model
+        self.fusion = detector.fusion
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prediction = self.model.predict(images, self.fusion)
+        return prediction.layer_maps, prediction.fused, prediction.scores
+
+
+def onnx_metadata(detector: Detector) -> dict[str, str]:
+    """What a consumer of the file needs besides the graph, as ONNX metadata strings."""
+    metrics = detector.metadata.get("metrics", {})
+    return {
+        "rd.backbone": detector.backbone,
+        "rd.preprocess": json.dumps(detector.preprocess.to_dict()),
+        "rd.fusion": detector.fusion,
+        "rd.thresholds": json.dumps(metrics.get("thresholds", {})),
+        "rd.category": str(detector.metadata.get("category") or ""),
+    }
+
+
+def export_onnx(detector: Detector, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``detector``'s whole inference graph to ``out`` (one self-contained .onnx file)."""
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it; fail with advice, not deep inside)
+    except ImportError:
+        raise ExportError("ONNX export needs the packages onnx and onnxscript: "
+                          "pip install -r requirements.txt") from None
+    if detector.amp is not None:
+        raise ExportError("export a float32 graph: load the checkpoint without --amp")
+    graph = InferenceGraph(detector).eval()
+    size = detector.image_size
+    example = torch.zeros(2, 3, size, size, device=detector.device)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.onnx.export(
+            graph, (example,), dynamo=True, opset_version=opset, input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES, dynamic_shapes=({0: batch},), verbose=False)
+    except Exception as error:  # the exporter raises many types; say which step failed
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ExportError(f"ONNX export failed: {first}") from error
+    program.model.metadata_props.update(onnx_metadata(detector))
+    out = Path(out)
+    atomic_write(out, lambda tmp: program.save(tmp, external_data=False))
+    return out
+
+
+def verify_onnx(path: str | Path, detector: Detector, batch: torch.Tensor) -> dict[str, float]:
+    """Max absolute difference of every output between onnxruntime (CPU) and torch on ``batch``."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("verifying needs onnxruntime: pip install -r requirements-dev.txt"
+                          ) from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: batch.cpu().numpy()})
+    reference = detector.predict_tensor(batch)
+    expected = (reference.layer_maps, reference.fused, reference.scores)
+    return {name: float(np.abs(got - want.cpu().numpy()).max())
+            for name, got, want in zip(OUTPUT_NAMES, ours, expected, strict=True)}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    detector = load(args.checkpoint, args.device, args.teacher_weights)
+    path = export_onnx(detector, args.out, args.opset)
+    print(f"exported {args.checkpoint} -> {path} ({path.stat().st_size / 2**20:.1f} MiB, "
+          f"opset {args.opset}, input 'images' (N, 3, {detector.image_size}, "
+          f"{detector.image_size}), outputs {', '.join(OUTPUT_NAMES)})")
+    if args.verify:
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.randn(3, 3, detector.image_size, detector.image_size, generator=generator)
+        differences = verify_onnx(path, detector, sample)
+        worst = max(differences.values())
+        print("onnxruntime vs torch, max abs difference: " +
+              ", ".join(f"{name} {value:.2e}" for name, value in differences.items()))
+        if worst > TOLERANCE:
+            raise ExportError(f"the exported graph differs from torch by {worst:.2e} "
+                              f"(> {TOLERANCE:g})")
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``export`` on the ``python -m rd`` command line."""
+    p = commands.add_parser(
+        "export", help="export a checkpoint's whole inference graph (ONNX)",
+        description="Write teacher + student + maps + blur + score as one ONNX file with a "
+        "dynamic batch axis; input 'images' (N, 3, S, S) preprocessed as the checkpoint says "
+        "(see the file's rd.preprocess metadata), outputs layer_maps, fused, scores.")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--out", type=Path, required=True, help="file to write (.onnx)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
+    p.add_argument("--verify", action="store_true",
+                   help="run the file with onnxruntime and compare with torch (max diff 1e-4)")
+    p.add_argument("--device", default="cpu", help="device to trace on (default cpu)")
+    p.add_argument("--teacher-weights", type=Path)
+    p.set_defaults(func=cmd_export)
