@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,19 @@ def test_pages_without_masks_show_no_pixel_metrics(app_home):
     at.switch_page("screens/review.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert sum(int(h.value.rsplit("· ", 1)[1]) for h in at.subheader) == N_NORMAL + N_DEFECTIVE
+
+
+def test_novelty_report_draws_one_roc_curve_per_class(app_home):
+    roc = {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 1.0, 1.0], "thresholds": [2.0, 1.0, 0.0]}
+    report = {"dataset": "mnist", "mean_auroc": 0.94, "paper": {"auroc": [99.9, 99.9],
+                                                                "mean": 99.2},
+              "results": [{"class": str(i), "index": i, "auroc": 0.9 + i / 20, "n_train": 5,
+                           "roc": roc} for i in range(2)]}
+    at = _open("screens/evaluate.py")
+    uploader = at.file_uploader(key="novelty_report")
+    at = uploader.upload("report.json", json.dumps(report).encode(), "application/json").run()
+    assert not at.exception
+    assert {m.label: m.value for m in at.metric}["Mean AUROC"] == "94.0"
+    at.file_uploader(key="novelty_report").clear().upload("report.json", b"{", "").run()
+    assert not at.exception
+    assert any("Cannot read this report" in e.value for e in at.error)

@@ -123,3 +123,20 @@ def test_review_groups_partition_the_images_sorted_by_margin(scored):
     assert groups["FP"][0]["score"] == max(i["score"] for i in groups["FP"])
     assert groups["FN"][0]["margin"] == pytest.approx(groups["FN"][0]["score"] - threshold)
     assert "margin" not in images[0]  # the report's records are left untouched
+
+
+def test_novelty_summary_reads_a_novelty_report():
+    from app.views.curves import novelty_summary
+
+    roc = {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 1.0, 1.0], "thresholds": [2.0, 1.0, 0.0]}
+    report = {"paper": {"auroc": [99.9, 98.0], "mean": 99.0},
+              "results": [{"class": "0", "index": 0, "auroc": 0.97, "n_train": 10, "roc": roc},
+                          {"class": "1", "index": 1, "auroc": 0.91, "n_train": 12, "roc": roc}]}
+    rows, curves = novelty_summary(report)
+    assert [(r["class"], r["AUROC %"], r["paper %"]) for r in rows] == [("0 0", 97.0, 99.9),
+                                                                       ("1 1", 91.0, 98.0)]
+    assert list(curves) == ["0 0", "1 1"] and curves["1 1"] is roc
+    with pytest.raises(ValueError, match="not a novelty report"):
+        novelty_summary({"image_auroc": 0.9})
+    with pytest.raises(ValueError, match="no finished class"):
+        novelty_summary({"results": []})

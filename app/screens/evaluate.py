@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,13 @@ import pandas as pd
 import streamlit as st
 
 from app import state
-from app.views.curves import confusion_at, operating_point, roc_figure, score_histogram
+from app.views.curves import (
+    confusion_at,
+    novelty_summary,
+    operating_point,
+    roc_figure,
+    score_histogram,
+)
 from rd.manifest import ManifestError, all_models
 
 SUGGESTIONS = {"f1": "F1-optimal", "fpr_0.01": "FPR ≤ 1%", "fpr_0.05": "FPR ≤ 5%",
@@ -222,6 +229,34 @@ def main() -> None:
 
     st.subheader("Backbones on this category")
     _compare(chosen)
+
+    _novelty()
+
+
+def _novelty() -> None:
+    """Per-class ROC curves of a one-class novelty run (``python -m rd novelty``)."""
+    with st.expander("One-class novelty detection runs (per-class ROC)"):
+        upload = st.file_uploader("report.json written by python -m rd novelty", type=["json"],
+                                  key="novelty_report", max_upload_size=20)
+        if upload is None:
+            st.caption("Each class in turn is the normal one and every other class anomalous; "
+                       "one ROC curve per class.")
+            return
+        try:
+            report = json.loads(upload.getvalue())
+            rows, curves = novelty_summary(report)
+        except (ValueError, UnicodeDecodeError) as error:
+            st.error(f"Cannot read this report: {error}")
+            return
+        paper = (report.get("paper") or {}).get("mean")
+        mean = report.get("mean_auroc")
+        columns = st.columns(3)
+        columns[0].metric("Dataset", str(report.get("dataset", "?")))
+        columns[1].metric("Mean AUROC", "—" if mean is None else f"{100 * mean:.1f}")
+        columns[2].metric("Paper mean", "—" if paper is None else f"{paper:.1f}")
+        st.dataframe(pd.DataFrame(rows), hide_index=True)
+        st.plotly_chart(roc_figure(curves, title="one curve per normal class"),
+                        key="novelty_roc")
 
 
 main()

@@ -156,3 +156,26 @@ def review_groups(images: Sequence[Mapping[str, Any]], threshold: float
     for items in groups.values():
         items.sort(key=lambda item: item["margin"])
     return groups
+
+
+def novelty_summary(report: Mapping[str, Any]) -> tuple[list[dict[str, Any]],
+                                                         dict[str, Mapping[str, Sequence[float]]]]:
+    """Per-class rows (ours beside the paper) and per-class ROC curves of a report written by
+    ``python -m rd novelty``; ValueError when the file is not such a report."""
+    try:
+        paper = report.get("paper") or {}
+        paper_auroc = paper.get("auroc") or []
+        rows, curves = [], {}
+        for result in report["results"]:
+            name = f"{result['index']} {result['class']}"
+            reference = (paper_auroc[result["index"]]
+                         if result["index"] < len(paper_auroc) else None)
+            rows.append({"class": name, "AUROC %": round(100 * result["auroc"], 1),
+                         "paper %": reference, "train images": result["n_train"]})
+            curves[name] = result["roc"]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"not a novelty report of python -m rd novelty (missing {error})") \
+            from None
+    if not rows:
+        raise ValueError("the novelty report has no finished class yet")
+    return rows, curves
