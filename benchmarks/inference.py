@@ -14,6 +14,8 @@ those options, compared with our float32 maps.
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,9 @@ from benchmarks.common import (
     time_call,
     write_json,
 )
-from rd.detector import AMP_DTYPES, Detector
+from rd.detector import AMP_DTYPES, CPU_CHUNK, Detector
+from rd.export import INPUT_NAMES, OUTPUT_NAMES, export_onnx
+from rd.model import Prediction
 
 BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2")
 
@@ -48,6 +52,30 @@ def _photo(size: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+class OnnxRunner:
+    """Our exported graph (rd.export) under ONNX Runtime on the CPU, fed like the Detector."""
+
+    def __init__(self, detector: Detector, folder: Path) -> None:
+        import onnxruntime
+
+        self.detector = detector
+        self.batch_size = detector.batch_size
+        path = export_onnx(detector, folder / f"{detector.backbone}.onnx")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(path), options,
+                                                    providers=["CPUExecutionProvider"])
+
+    def predict_tensor(self, batch: torch.Tensor) -> Prediction:
+        parts = [self.session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: chunk.numpy()})
+                 for chunk in batch.split(CPU_CHUNK)]
+        return Prediction(*(torch.from_numpy(np.concatenate(outputs))
+                            for outputs in zip(*parts, strict=True)))
+
+    def predict(self, image: Image.Image) -> Prediction:
+        return self.predict_tensor(self.detector.to_batch(image))
+
+
 def bench_backbone(backbone: str, device: torch.device, args: Any) -> dict[str, Any]:
     """Every figure of one backbone on one device."""
     size = args.size
@@ -58,9 +86,12 @@ def bench_backbone(backbone: str, device: torch.device, args: Any) -> dict[str, 
     variants = {"ours": {}}
     if any(options.values()):
         variants["ours+" + "+".join(k for k, v in options.items() if v)] = options
-    detectors = {name: Detector(copy.deepcopy(model), metadata, device, **opts)
-                 for name, opts in variants.items()}
+    detectors: dict[str, Detector | OnnxRunner] = {
+        name: Detector(copy.deepcopy(model), metadata, device, **opts)
+        for name, opts in variants.items()}
     del model
+    if args.onnxruntime and device.type == "cpu":
+        detectors["onnxruntime"] = OnnxRunner(detectors["ours"], args.scratch)
     repeats = args.repeats
     rows: list[dict[str, Any]] = []
     generator = torch.Generator().manual_seed(0)
@@ -124,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--onnxruntime", action="store_true",
+                        help="also time our exported ONNX graph under ONNX Runtime (CPU)")
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     if args.quick:
@@ -134,15 +167,17 @@ def main(argv: list[str] | None = None) -> int:
                                "throughput": [], "latency": [], "machines": {},
                                "weights": "random (speed only)"}
     results["settings"]["json"] = str(args.json)
-    for device in resolve_devices(args.device):
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # both paths: fixed shapes, best kernels
-        results["machines"][device.type] = machine(device)
-        for backbone in args.backbones:
-            figures = bench_backbone(backbone, device, args)
-            results["throughput"] += figures["throughput"]
-            results["latency"] += figures["latency"]
-            write_json(args.json, results)  # partial results survive an interrupted run
+    with tempfile.TemporaryDirectory() as scratch:
+        args.scratch = Path(scratch)  # exported ONNX files
+        for device in resolve_devices(args.device):
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # both paths: fixed shapes, best kernels
+            results["machines"][device.type] = machine(device)
+            for backbone in args.backbones:
+                figures = bench_backbone(backbone, device, args)
+                results["throughput"] += figures["throughput"]
+                results["latency"] += figures["latency"]
+                write_json(args.json, results)  # partial results survive an interrupted run
     print_table(
         f"Inference at {args.size} px, images/s (median of {args.repeats}); baseline = reference "
         "behaviour, same weights",

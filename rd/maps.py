@@ -6,8 +6,6 @@ Everything runs in torch on the tensors' device. The blur reproduces
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,9 +38,9 @@ def fuse(maps: torch.Tensor, mode: str = "sum") -> torch.Tensor:
     raise ValueError(f"unknown fusion {mode!r}; choose one of {FUSIONS}")
 
 
-# The two caches below hold numpy arrays, never tensors: a tensor made while torch.compile or
-# torch.export traces would be a fake one, and the cache would hand it to later eager calls.
-@lru_cache(maxsize=8)
+# The kernel and the padding indices are plain numpy, computed on each call (microseconds): no
+# cache, so that torch.compile and torch.export trace them as constants and never keep a tensor
+# made while tracing.
 def _kernel(sigma: float, truncate: float) -> tuple[np.ndarray, int]:
     radius = int(truncate * sigma + 0.5)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
@@ -50,7 +48,6 @@ def _kernel(sigma: float, truncate: float) -> tuple[np.ndarray, int]:
     return weights / weights.sum(), radius
 
 
-@lru_cache(maxsize=32)
 def _reflect_index(length: int, radius: int) -> np.ndarray:
     """Indices of a length-``length`` axis padded by ``radius`` in SciPy's 'reflect' mode.
 

@@ -10,6 +10,7 @@ benchmarks, never here.
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import pytest
@@ -81,6 +82,19 @@ def test_batched_equals_one_by_one(model, batch):
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat([s.scores for s in singles]), batched.scores,
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs g++")
+def test_compiled_predict_equals_eager(batch):
+    """torch.compile of the whole predict graph (resnet18 only: compiling takes ~20 s)."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", pretrained=False).eval()
+    eager = _detector(model).predict_tensor(batch[:4])
+    compiled = _detector(model, compile=True).predict_tensor(batch[:4])
+    for a, b in ((eager.layer_maps, compiled.layer_maps), (eager.fused, compiled.fused),
+                 (eager.scores, compiled.scores)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
 
 
 def test_amp_needs_cuda(model):
