@@ -51,3 +51,11 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert [name for name, _ in blocks] == ["Start", "Test"]
     test_command = _readme_command("Test").split("&&")[-1].strip()
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_app_listens_on_localhost_only_unless_asked():
+    import tomllib
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "localhost"  # as the README promises
+    assert "localhost" in README
