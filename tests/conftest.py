@@ -162,3 +162,20 @@ def studio(studio_home: Studio, monkeypatch: pytest.MonkeyPatch) -> Studio:
     """``studio_home`` as the current user's data folder (RD_HOME) for one test."""
     monkeypatch.setenv("RD_HOME", str(studio_home.home))
     return studio_home
+
+
+@pytest.fixture
+def jobs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh jobs folder (job processes inherit the environment); any job still running at
+    the end of the test is killed with its process group."""
+    import contextlib
+    import signal
+
+    from rd import jobs
+
+    monkeypatch.setenv(jobs.ROOT_ENV, str(tmp_path / "jobs"))
+    yield tmp_path / "jobs"
+    for job in jobs.list_jobs():
+        if job.state == "running":
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.status["pid"], signal.SIGKILL)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
+APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
 SOURCE = "fakeparts"  # tests/conftest.py studio_home: source name = manifest dataset
 CATEGORY = "widget"
 

@@ -207,7 +207,7 @@ def test_holdout_moves_training_images_to_test_good(tiny_mvtec, tmp_path, capsys
 
 
 def test_entry_point():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     help_text = subprocess.run([sys.executable, "-m", "rd", "--help"], cwd=root,
                                capture_output=True, text=True, check=True).stdout
     assert "import-reference" in help_text

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -13,18 +10,13 @@ from streamlit.testing.v1 import AppTest
 
 from rd import jobs
 
-APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
+APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
 
 
 @pytest.fixture
-def jobs_root(studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The shared studio data folder as RD_HOME, a fresh jobs folder; leftovers are killed."""
-    monkeypatch.setenv(jobs.ROOT_ENV, str(tmp_path / "jobs"))
-    yield tmp_path / "jobs"
-    for job in jobs.list_jobs():
-        if job.state == "running":
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.status["pid"], signal.SIGKILL)
+def jobs_root(studio, jobs_folder: Path) -> Path:
+    """The shared studio data folder as RD_HOME, a fresh jobs folder."""
+    return jobs_folder
 
 
 def _table(at: AppTest):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -24,16 +23,10 @@ from rd.training import (
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A fresh user data folder and jobs folder (job processes inherit the environment); any
-    job still running at the end is killed."""
+def root(jobs_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh user data folder beside a fresh jobs folder."""
     monkeypatch.setenv("RD_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv(jobs.ROOT_ENV, str(tmp_path / "jobs"))
-    yield tmp_path / "jobs"
-    for job in jobs.list_jobs():
-        if job.state == "running":
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.status["pid"], signal.SIGKILL)
+    return jobs_folder
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
+APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
 SOURCE = "fakeparts"  # tests/conftest.py studio_home: source name = manifest dataset
 BARE = "fakeparts_nomasks"  # the same images without ground_truth/
 CATEGORY = "widget"
