@@ -11,9 +11,12 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts only app/ on the path
 
 import streamlit as st  # noqa: E402
 
-from app import state  # noqa: E402
+from app import access, sidebar  # noqa: E402
 
-st.set_page_config(page_title="RD Studio", page_icon=":material/biotech:", layout="wide")
+# An emoji icon is drawn by the browser itself; a ":material/…:" page icon is fetched from a
+# font CDN (a request leaving the machine, failing offline).
+st.set_page_config(page_title="RD Studio", page_icon="🔬", layout="wide")
+access.guard()  # this machine only, unless a password is set (app/access.py)
 
 # Not "pages/": that folder name turns on Streamlit's folder-based navigation, which runs a page
 # without this file when a browser opens its URL directly.
@@ -26,5 +29,5 @@ navigation = st.navigation([
     st.Page(SCREENS / "learn.py", title="Learn", icon=":material/school:"),
     st.Page(SCREENS / "train.py", title="Train", icon=":material/model_training:"),
 ])
-state.sidebar()
+sidebar.draw()
 navigation.run()

@@ -1,36 +1,43 @@
-"""What every page shares: the sidebar selection, cached models and cached results.
+"""What every page shares: services, no widgets (the sidebar is app/sidebar.py).
 
-Models live in ``st.cache_resource`` keyed on checkpoint path and modification time (a retrained
-file is reloaded); inference runs under one lock (one GPU, many sessions); results live in
-``st.cache_data``. Failures become messages in the page, never tracebacks.
+- models: ``load_model`` keeps loaded detectors in ``st.cache_resource`` (keyed on checkpoint
+  path and modification time); inference runs under one lock (one GPU, many sessions);
+- results: every image's score under every model lives in the persistent store
+  (``rd.results``), shared by sessions, tabs and restarts; a test set missing from it is
+  evaluated by one background thread in small batches while the pages show what is there;
+- detection: ``detect`` is the one per-image service of Inspect, Review and Learn (maps cached in
+  memory, the score always the stored one, so every page shows the same number and verdict);
+- ``require_data`` / ``require_model`` / ``require_report``: what a page needs, or a message
+  saying why not and what to do, then the page stops.
+
+Failures become messages in the page, never tracebacks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streamlit as st
-import torch
 from PIL import Image
 
-from rd.backbones import DEFAULT_BACKBONE, list_backbones
-from rd.checkpoints import CheckpointError
-from rd.data import DataError, MVTecCategory, Sample, list_categories, read_image_bytes
+from rd import results
+from rd.data import DataError, MVTecCategory, Sample, read_image_bytes
 from rd.data.sources import DataSource, available_sources
-from rd.detector import Detection, Detector
+from rd.detector import Detector
 from rd.detector import load as load_detector
-from rd.evaluation import evaluate
-from rd.manifest import ManifestError, ModelEntry, find_model
-from rd.paths import data_home
+from rd.errors import RDError
+from rd.files import atomic_write, data_home
+from rd.manifest import ModelEntry
 
 MAX_UPLOAD_MB = 20
 SETTINGS_FILE = "app_settings.json"
+TRAIN_PAGE = "screens/train.py"
+POLL_S = 1.0  # how often a page waiting for results looks again
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,21 @@ class Selection:
     backbone: str
     device: str
     entry: ModelEntry | None
+    models: tuple[ModelEntry, ...] = ()  # every model of this data and category
 
     @property
     def checkpoint(self) -> Path | None:
         return self.entry.path if self.entry else None
+
+
+def selection() -> Selection | None:
+    return st.session_state.get("selection")
+
+
+def category_key(chosen: Selection, name: str) -> str:
+    """A widget key of its own per data source and category, so that a filter chosen on one
+    category never carries over to another (whose options differ)."""
+    return f"{name}::{chosen.source.name}/{chosen.category}"
 
 
 # ----------------------------------------------------------------------------- settings
@@ -57,18 +75,15 @@ def _settings_path() -> Path:
 
 def load_settings() -> dict[str, Any]:
     try:
-        return json.loads(_settings_path().read_text())
-    except (OSError, json.JSONDecodeError):
+        settings = json.loads(_settings_path().read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def save_settings(settings: dict[str, Any]) -> None:
-    from rd.checkpoints import atomic_write
-
-    atomic_write(_settings_path(), lambda tmp: tmp.write_text(json.dumps(settings, indent=1)))
-
-
-# ------------------------------------------------------------------------------ sidebar
+    text = json.dumps(settings, indent=1)
+    atomic_write(_settings_path(), lambda tmp: tmp.write_text(text))
 
 
 @st.cache_resource(show_spinner="Preparing the built-in dataset…")
@@ -76,122 +91,97 @@ def _sources(extra: tuple[tuple[str, str], ...]) -> list[DataSource]:
     return available_sources({name: Path(root) for name, root in extra})
 
 
+def remembered_roots() -> tuple[tuple[str, str], ...]:
+    """The folders the user added (name, absolute path), those that still exist."""
+    roots = load_settings().get("mvtec_roots", {})
+    if not isinstance(roots, dict):
+        return ()
+    return tuple(sorted((str(name), str(root)) for name, root in roots.items()
+                        if isinstance(root, str) and Path(root).is_dir()))
+
+
 def data_sources() -> list[DataSource]:
     """Every data source the sidebar offers (the Train page's form lists them too)."""
-    return _sources(_remembered_roots())
+    return _sources(remembered_roots())
 
 
-def _devices() -> list[str]:
-    return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+# ------------------------------------------------------------------------ page requirements
 
 
-def _remembered_roots() -> tuple[tuple[str, str], ...]:
-    roots = load_settings().get("mvtec_roots", {})
-    return tuple(sorted((name, root) for name, root in roots.items() if Path(root).is_dir()))
+def train_call_to_action(chosen: Selection, key: str = "train_cta") -> None:
+    """A button opening the Train page with its form filled in for this data and category."""
+    if st.button("Train a model for this data", icon=":material/model_training:", key=key,
+                 type="primary"):
+        st.session_state["train::prefill"] = {"source": chosen.source.name,
+                                              "category": chosen.category,
+                                              "backbone": chosen.backbone}
+        st.switch_page(TRAIN_PAGE)
 
 
-def _add_root_form() -> None:
-    with st.sidebar.expander("Add an MVTec-layout folder"):
-        with st.form("add_root", border=False):
-            root = st.text_input("Folder (contains <category>/train/good)")
-            submitted = st.form_submit_button("Add")
-        if submitted and root:
-            path = Path(root).expanduser()
-            try:
-                categories = list_categories(path)
-            except DataError as error:
-                st.error(str(error))
-                return
-            settings = load_settings()
-            settings.setdefault("mvtec_roots", {})[path.name] = str(path)
-            save_settings(settings)
-            st.success(f"Added {path.name}: {', '.join(categories)}")
-            st.rerun()
-
-
-@st.cache_resource(show_spinner=False)
-def _check_jobs_at_start() -> None:
-    """Once per app start: a scheduler step (rd.jobs), so that jobs whose process died with the
-    app's last run or the machine show as interrupted, and queued jobs start."""
-    from rd import jobs
-
-    with contextlib.suppress(ValueError, OSError):  # the Train page shows these
-        jobs.schedule()
-
-
-def sidebar() -> None:
-    """Draw the shared sidebar and store the selection in the session."""
-    _check_jobs_at_start()
-    st.sidebar.title("RD Studio")
-    try:
-        sources = _sources(_remembered_roots())
-    except (DataError, OSError) as error:
-        st.sidebar.error(f"Cannot prepare the data: {error}")
-        st.session_state.selection = None
-        return
-    names = [s.name for s in sources]
-    source = sources[names.index(st.sidebar.selectbox(
-        "Data", names, key="source", help="; ".join(f"{s.name}: {s.description}"
-                                                  for s in sources)))]
-    _add_root_form()
-    try:
-        categories = list_categories(source.root)
-    except DataError as error:
-        st.sidebar.error(str(error))
-        st.session_state.selection = None
-        return
-    category = st.sidebar.selectbox("Category", categories, key="category")
-    backbones = list_backbones()
-    trained = {b for b in backbones if _entry(source.name, category, b)}
-    default = DEFAULT_BACKBONE if DEFAULT_BACKBONE in trained else (
-        sorted(trained)[0] if trained else DEFAULT_BACKBONE)
-    if st.session_state.get("backbone") not in backbones:
-        st.session_state.backbone = default
-    backbone = st.sidebar.selectbox(
-        "Backbone", backbones, key="backbone",
-        format_func=lambda b: b if b in trained else f"{b} (no model yet)")
-    device = st.sidebar.selectbox("Device", _devices(), key="device",
-                                  index=len(_devices()) - 1)
-    entry = _entry(source.name, category, backbone)
-    st.session_state.selection = Selection(source, category, backbone, device, entry)
-    if entry is None:
-        st.sidebar.warning(f"No {backbone} model for {source.name}/{category} yet.")
-        st.sidebar.page_link("screens/train.py", label="Train one", icon=":material/add:")
-
-
-def _entry(source: str, category: str, backbone: str) -> ModelEntry | None:
-    try:
-        return find_model(source, category, backbone)
-    except ManifestError as error:
-        st.sidebar.error(str(error))
-        return None
-
-
-def selection() -> Selection | None:
-    return st.session_state.get("selection")
-
-
-def require_model() -> tuple[Selection, Detector]:
-    """The selection and its loaded detector, or stop the page with a message saying why."""
+def require_data() -> Selection:
+    """The sidebar's selection (a model is optional: pages can browse without one)."""
     chosen = selection()
     if chosen is None:
         st.info("Choose a dataset and a category in the sidebar.")
         st.stop()
+    return chosen
+
+
+def no_model_message(chosen: Selection) -> str:
+    """Why there is no model, and what to do: another backbone has one, or none has."""
+    others = sorted({e.backbone for e in chosen.models} - {chosen.backbone})
+    where = f"**{chosen.source.name} / {chosen.category}**"
+    if others:
+        return (f"There is no **{chosen.backbone}** model for {where} yet: pick "
+                f"{', '.join(others)} in the sidebar, or train one.")
+    return f"No model has been trained on {where} yet: train one to see heat maps."
+
+
+def require_model() -> tuple[Selection, Detector]:
+    """The selection and its loaded detector, or stop the page with a message saying why."""
+    chosen = require_data()
     if chosen.entry is None:
-        st.info(f"There is no **{chosen.backbone}** model for **{chosen.source.name} / "
-                f"{chosen.category}** yet: pick another backbone, or train one.")
-        st.page_link("screens/train.py", label="Train a model", icon=":material/add:")
+        st.info(no_model_message(chosen))
+        train_call_to_action(chosen, key="require_model::train")
         st.stop()
     try:
         path = chosen.entry.verify()
         detector = load_model(str(path), path.stat().st_mtime, chosen.device)
-    except (ManifestError, CheckpointError, OSError, ValueError) as error:
+    except (RDError, OSError, ValueError) as error:
         st.error(f"The model cannot be used: {error}")
         st.stop()
     return chosen, detector
 
 
-# ---------------------------------------------------------------------- models, results
+def require_report() -> tuple[Selection, Detector, dict[str, Any]]:
+    """The model and its complete test report; while the report is being computed, a progress
+    bar that refreshes itself, and the page stops there (nothing blocks)."""
+    chosen, detector = require_model()
+    found = evaluation(chosen, detector)
+    if found.report is not None:
+        return chosen, detector, found.report
+    if found.error:
+        st.error(f"Cannot evaluate {chosen.category}: {found.error}")
+        st.stop()
+    _wait_for_report(chosen.category)
+    st.stop()
+
+
+@st.fragment(run_every=POLL_S)
+def _wait_for_report(category: str) -> None:
+    chosen = selection()
+    if chosen is None or chosen.entry is None:
+        return
+    _, detector = require_model()
+    found = evaluation(chosen, detector)
+    if found.complete or found.error:
+        st.rerun()
+    st.progress(found.done / max(1, found.total),
+                text=f"Evaluating the {category} test set… {found.done}/{found.total} images "
+                     "(the results are kept: this happens once per model)")
+
+
+# ---------------------------------------------------------------------------------- models
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=8)
@@ -205,61 +195,213 @@ def inference_lock() -> threading.Lock:
     return threading.Lock()
 
 
-def predict(detector: Detector, images: list[Any]) -> Detection:
+def predict(detector: Detector, images: list[Any]):
+    """A batch through the detector under the shared inference lock."""
     with inference_lock():
         return detector.predict(images)
 
 
-@st.cache_data(show_spinner=False, max_entries=2048)
-def predict_file(checkpoint: str, mtime: float, device: str, image: str, image_mtime: float
-                 ) -> dict[str, np.ndarray]:
-    """Maps of one image file (cached on checkpoint and image versions)."""
-    del image_mtime
+@st.cache_resource
+def store() -> results.ResultsStore:
+    return results.ResultsStore()
+
+
+# ------------------------------------------------------------------------------- detection
+
+
+@dataclass(frozen=True)
+class ImageDetection:
+    """One image under one model: its score (the stored one) and its maps at model size."""
+
+    score: float
+    layer_maps: np.ndarray  # (3, S, S): 1 - cos per teacher layer (strides 4, 8, 16)
+    fused: np.ndarray  # (S, S): the fused, smoothed anomaly map
+    digest: str  # the image's content hash
+
+    def is_defective(self, threshold: float) -> bool:
+        return results.is_defective(self.score, threshold)
+
+    def verdict(self, threshold: float) -> str:
+        return results.verdict(self.score, threshold)
+
+
+def verdict(score: float, threshold: float) -> str:
+    """``"defective"`` when ``score >= threshold``, else ``"normal"``: the rule of every page."""
+    return results.verdict(score, threshold)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _maps(checkpoint: str, mtime: float, device: str, digest: str, _image: Any
+          ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Maps of one image, cached on the model and the image's content hash (``_image`` is not
+    hashed: the digest stands for it)."""
+    image = _image
+    if isinstance(image, tuple):  # (bytes, name): an upload
+        image = read_image_bytes(*image)
     detection = predict(load_model(checkpoint, mtime, device), [image])
-    return {"layer_maps": detection.layer_maps[0], "fused": detection.fused[0],
-            "score": float(detection.scores[0])}
+    return detection.layer_maps[0], detection.fused[0], float(detection.scores[0])
 
 
-def maps_for(chosen: Selection, detector: Detector, path: Path) -> dict[str, np.ndarray]:
+def detect(chosen: Selection, detector: Detector, image: Path | str | bytes | np.ndarray |
+           Image.Image, name: str = "upload") -> ImageDetection:
+    """The detection of one image under the selected model: a test image's path, an upload's
+    bytes (with its file ``name``), or pixels. Raises DataError for an unreadable image."""
+    del detector  # loaded by require_model; the cache below finds it by checkpoint
+    if isinstance(image, str | Path):
+        image = Path(image)
+        digest, source = results.image_digest(image), str(image)
+    elif isinstance(image, bytes):
+        digest, source = results.bytes_digest(image), (image, name)
+    else:
+        pixels = np.asarray(image)
+        digest, source = results.array_digest(pixels), pixels
     checkpoint = chosen.checkpoint
-    return predict_file(str(checkpoint), checkpoint.stat().st_mtime, chosen.device, str(path),
-                        path.stat().st_mtime)
+    layer_maps, fused, computed = _maps(str(checkpoint), checkpoint.stat().st_mtime,
+                                        chosen.device, digest, source)
+    model = chosen.entry.sha256
+    stored = store().scores(model, [digest]).get(digest)
+    if stored is None:  # the first time this image is seen: its score becomes the stored one
+        store().put_scores(model, {digest: computed}, replace=False)
+        stored = store().scores(model, [digest]).get(digest, computed)
+    return ImageDetection(stored, layer_maps, fused, digest)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _report(checkpoint: str, mtime: float, device: str, root: str, category: str
-            ) -> dict[str, Any]:
-    detector = load_model(checkpoint, mtime, device)
-    samples = MVTecCategory(root, category, allow_missing_masks=True).test_samples()
-    bar = st.progress(0.0, text="Evaluating the test set…")
+# ------------------------------------------------------------------------------ evaluation
 
-    def show(done: int, total: int) -> None:
-        bar.progress(done / total, text=f"Evaluating the test set… {done}/{total} images")
 
-    with inference_lock():
-        report = evaluate(detector, samples, on_progress=show)
-    bar.empty()
-    return report
+@dataclass
+class Evaluation:
+    """What is known of the selected model on its test set, now."""
+
+    scores: dict[str, float]  # str(sample.path) -> stored score
+    report: dict[str, Any] | None  # the full report, once complete (local paths)
+    done: int
+    total: int
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.report is not None or (self.total > 0 and self.done >= self.total)
+
+
+@dataclass
+class _Run:
+    """A background evaluation (one per model, test set and device, shared by sessions)."""
+
+    done: int = 0
+    total: int = 0
+    error: str | None = None
+    finished: bool = False
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+@st.cache_resource
+def _runs() -> tuple[dict[tuple[str, str, str], _Run], threading.Lock]:
+    return {}, threading.Lock()
+
+
+def _start(key: tuple[str, str, str], detector: Detector, samples: list[Sample],
+           digests: list[str]) -> _Run:
+    runs, lock = _runs()
+    with lock:
+        run = runs.get(key)
+        if run is not None:  # running, done, or failed (not retried: the error is shown)
+            return run
+        run = runs[key] = _Run(total=len(samples))
+    shared, model = store(), key[0]
+    inference = inference_lock()
+
+    def work() -> None:
+        def progress(done: int, total: int) -> None:
+            run.done, run.total = done, total
+
+        try:
+            results.evaluate_into(shared, model, detector, samples, digests, lock=inference,
+                                  on_progress=progress)
+        except (RDError, OSError, ValueError, RuntimeError) as error:
+            run.error = str(error)
+        finally:
+            run.done, run.finished = run.total, True
+
+    run.thread = threading.Thread(target=work, name=f"evaluate-{model[:8]}", daemon=True)
+    run.thread.start()
+    return run
+
+
+def _seed_once(entry: ModelEntry, samples: list[Sample], digests: list[str]) -> None:
+    """A model's committed report (shipped ones, or one written by training) fills the store
+    when it matches this test set: nothing to compute."""
+    path = entry.report_path
+    if not path.is_file():
+        return
+    try:
+        report = json.loads(path.read_text())
+        results.seed_from_report(store(), entry.sha256, report, samples, digests)
+    except (OSError, ValueError, KeyError, TypeError, RDError):
+        return  # not usable: the test set is evaluated instead
+
+
+def evaluation(chosen: Selection, detector: Detector) -> Evaluation:
+    """Scores and report of the selected model on its category's test set, as far as they are
+    known; never waits. What is missing is computed by one background thread."""
+    samples = test_samples(chosen)
+    if not samples:
+        return Evaluation({}, None, 0, 0, "no test images")
+    try:
+        digests = [results.image_digest(s.path) for s in samples]
+        testset = results.testset_key(samples, digests)
+    except OSError as error:
+        return Evaluation({}, None, 0, len(samples), str(error))
+    model = chosen.entry.sha256
+    shared = store()
+    report = shared.report(model, testset)
+    if report is None:
+        _seed_once(chosen.entry, samples, digests)
+        report = shared.report(model, testset)
+    stored = shared.scores(model, digests)
+    run = None
+    if report is None:
+        run = _start((model, testset, chosen.device), detector, samples, digests)
+        if run.finished:
+            report = shared.report(model, testset)
+    scores = {str(s.path): stored[d] for s, d in zip(samples, digests, strict=True)
+              if d in stored}
+    if report is not None:
+        report = results.localise(report, samples, digests, stored)
+    done = len(scores) if run is None or run.finished else max(run.done, len(scores))
+    return Evaluation(scores, report, min(done, len(samples)), len(samples),
+                      run.error if run else None)
 
 
 def report_for(chosen: Selection) -> dict[str, Any] | None:
-    """The evaluation report of the selected model on its category's test set (cached)."""
-    checkpoint = chosen.checkpoint
-    try:
-        return _report(str(checkpoint), checkpoint.stat().st_mtime, chosen.device,
-                       str(chosen.source.root), chosen.category)
-    except (DataError, ValueError, OSError) as error:
-        st.error(f"Cannot evaluate {chosen.category}: {error}")
+    """Deprecated (use ``evaluation``): the report if it is complete, else None; never waits."""
+    if chosen.entry is None:
         return None
+    path = chosen.entry.path
+    detector = load_model(str(path), path.stat().st_mtime, chosen.device)
+    return evaluation(chosen, detector).report
+
+
+def maps_for(chosen: Selection, detector: Detector, path: Path) -> dict[str, Any]:
+    """Deprecated (use ``detect``): the maps and stored score of one test image as a dict."""
+    found = detect(chosen, detector, path)
+    return {"layer_maps": found.layer_maps, "fused": found.fused, "score": found.score}
 
 
 def test_samples(chosen: Selection) -> list[Sample]:
+    return _test_samples(str(chosen.source.root), chosen.category)
+
+
+@st.cache_data(show_spinner=False, ttl=30, max_entries=64)
+def _test_samples(root: str, category: str) -> list[Sample]:
     try:
-        return MVTecCategory(chosen.source.root, chosen.category,
-                             allow_missing_masks=True).test_samples()
+        return MVTecCategory(root, category, allow_missing_masks=True).test_samples()
     except DataError as error:
         st.error(str(error))
         return []
+
+
+# ------------------------------------------------------------------------------- threshold
 
 
 def default_threshold(detector: Detector, report: dict[str, Any] | None) -> float:
@@ -292,3 +434,4 @@ def read_upload(upload) -> Image.Image:
         raise DataError(f"{upload.name}: {upload.size / 1e6:.1f} MB is over the "
                         f"{MAX_UPLOAD_MB} MB limit")
     return read_image_bytes(upload.getvalue(), upload.name)
+

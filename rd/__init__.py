@@ -8,17 +8,17 @@ import os
 # setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
-
 from rd.backbones import DEFAULT_BACKBONE, list_backbones
 from rd.detector import Detection, Detector, load
 from rd.model import ReverseDistillation, build_model
+from rd.version import __version__
 
 __all__ = [
     "DEFAULT_BACKBONE",
     "Detection",
     "Detector",
     "ReverseDistillation",
+    "__version__",
     "build_model",
     "list_backbones",
     "load",

@@ -7,7 +7,6 @@ removed before use: they are never computed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from collections.abc import Callable
@@ -19,9 +18,11 @@ import torchvision
 from torch import nn
 
 from rd.data.transforms import HALF, IMAGENET_MEAN, IMAGENET_STD
+from rd.errors import RDError
+from rd.files import file_sha256
 
 
-class WeightsError(RuntimeError):
+class WeightsError(RDError, RuntimeError):
     """The teacher's weights cannot be found or do not fit the architecture."""
 
 
@@ -64,14 +65,6 @@ def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def torch_load_problem(error: Exception) -> str:
     """One line saying why ``torch.load(weights_only=True)`` failed.
 
@@ -96,9 +89,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"teacher weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise WeightsError(f"cannot read teacher weights {path}: not a valid safetensors "
+                               f"file ({first})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors, truncated files, zip errors
@@ -281,9 +280,16 @@ class Teacher(nn.Module):
         super().__init__()
         self.spec = spec
         self.weights_id = weights_id
+        self.adapted = "none"  # rd.adapt: "bn" or "ssl" once adapted to the normal images
         self.extractor = extractor
         self.extractor.requires_grad_(False)
         self.eval()
+
+    def deepest_stage(self) -> nn.Module:
+        """The stage giving the stride-16 features (what rd.adapt adapts)."""
+        if hasattr(self.extractor, "layer3"):
+            return self.extractor.layer3
+        return self.extractor.blocks[-1]
 
     def train(self, mode: bool = True) -> Teacher:
         """Stay in eval mode whatever is asked: the teacher's BN statistics are frozen."""

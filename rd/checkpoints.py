@@ -7,11 +7,13 @@ renamed, so an interrupted write never replaces a good checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
-import os
-import tempfile
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +21,167 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rd import __version__
 from rd.backbones import RANDOM_TEACHER, get_backbone, torch_load_problem
 from rd.data.transforms import Preprocess
+from rd.errors import RDError
+from rd.files import atomic_write
 from rd.model import ReverseDistillation, build_model
+from rd.version import __version__
 
 FORMAT = "rd4ad-student"
 FORMAT_VERSION = 1
 METADATA_KEY = "rd"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RDError, ValueError):
     """A checkpoint cannot be read or does not match what it is used with."""
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(temporary_path)`` then rename over ``path``: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        # mkstemp makes the file private (0600); keep the mode a plain write would give
-        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+# Largest input size a checkpoint may name: far above any real one, small enough that a forged
+# size cannot make a loader allocate gigabytes.
+MAX_IMAGE_SIZE = 4096
+_OPTIONAL_TEXT = ("format", "backbone", "teacher_weights", "category", "fusion", "command",
+                  "created_utc")
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata(Mapping[str, Any]):
+    """A checkpoint's metadata, its types checked, with the accessors readers need.
+
+    Built by ``from_dict`` (``read_metadata`` does that), which names the field of a wrong type.
+    Keys this class does not know (recipe, provenance, geometry...) are kept in ``extra``, so
+    ``to_dict`` gives back what was stored. It is also a read-only mapping of that dict, for code
+    that reads keys by name.
+    """
+
+    preprocess: dict[str, Any]
+    backbone: str | None = None
+    teacher_weights: str | None = None
+    category: str | None = None
+    fusion: str = "sum"
+    command: str = ""
+    metrics: dict[str, Any] | None = None  # headline numbers and "thresholds" {kind: value}
+    normal_scores: dict[str, float] | None = None  # statistics of normal test-image scores
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "checkpoint"
+                  ) -> CheckpointMetadata:
+        """Check every known field's type; a CheckpointError names the first wrong one."""
+        if isinstance(values, CheckpointMetadata):
+            return values
+        if not isinstance(values, Mapping):
+            raise CheckpointError(f"{source}: bad metadata: a JSON object expected, got "
+                                  f"{type(values).__name__}")
+
+        def bad(name: str, wanted: str) -> CheckpointError:
+            found = repr(values_at(name))
+            found = found if len(found) <= 60 else found[:57] + "..."
+            return CheckpointError(f"{source}: bad metadata: {name} must be {wanted}, got "
+                                   f"{found}")
+
+        def values_at(name: str) -> Any:
+            value: Any = values
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
+            return value
+
+        for name in _OPTIONAL_TEXT:
+            if values.get(name) is not None and not isinstance(values[name], str):
+                raise bad(name, "a string")
+        if "format_version" in values and not _is_int(values["format_version"]):
+            raise bad("format_version", "a whole number")
+        preprocess = values.get("preprocess")
+        if not isinstance(preprocess, Mapping):
+            raise bad("preprocess", "an object with size, mean and std")
+        size = preprocess.get("size")
+        if not _is_int(size) or not 32 <= size <= MAX_IMAGE_SIZE or size % 32:
+            raise bad("preprocess.size", f"a multiple of 32 from 32 to {MAX_IMAGE_SIZE}")
+        for name in ("mean", "std"):
+            triple = preprocess.get(name)
+            if not (isinstance(triple, list | tuple) and len(triple) == 3
+                    and all(_is_number(v) for v in triple)):
+                raise bad(f"preprocess.{name}", "three finite numbers")
+        metrics = values.get("metrics")
+        if metrics is not None:
+            if not isinstance(metrics, Mapping):
+                raise bad("metrics", "an object")
+            for name, value in metrics.items():
+                if name == "thresholds":
+                    if not isinstance(value, Mapping):
+                        raise bad("metrics.thresholds", "an object of numbers")
+                    for kind, threshold in value.items():
+                        if threshold is not None and not _is_number(threshold):
+                            raise bad(f"metrics.thresholds.{kind}", "a finite number")
+                elif value is not None and not _is_number(value):
+                    raise bad(f"metrics.{name}", "a finite number or null")
+        normal = values.get("normal_scores")
+        if normal is not None:
+            if not isinstance(normal, Mapping):
+                raise bad("normal_scores", "an object of numbers")
+            for name, value in normal.items():
+                if not _is_number(value):
+                    raise bad(f"normal_scores.{name}", "a finite number")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            preprocess=dict(preprocess), backbone=values.get("backbone"),
+            teacher_weights=values.get("teacher_weights"), category=values.get("category"),
+            fusion=values.get("fusion") or "sum", command=values.get("command") or "",
+            metrics=None if metrics is None else dict(metrics),
+            normal_scores=None if normal is None else dict(normal),
+            extra={k: v for k, v in values.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: every field that holds a value, and the extra keys."""
+        return copy.deepcopy(self._stored)
+
+    @cached_property
+    def _stored(self) -> dict[str, Any]:
+        known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **{k: v for k, v in known.items() if v is not None and v != ""}}
+
+    # a read-only mapping of to_dict(), for code that reads keys by name
+    def __getitem__(self, key: str) -> Any:
+        return self._stored[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocess["size"])
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The stored decision thresholds by kind ("f1", "fpr_0.01"...), those that are set."""
+        stored = (self.metrics or {}).get("thresholds") or {}
+        return {kind: float(value) for kind, value in stored.items() if value is not None}
+
+    def threshold(self, kind: str = "f1") -> float | None:
+        """A stored decision threshold (None when the checkpoint was never evaluated)."""
+        return self.thresholds.get(kind)
+
+    def metric(self, name: str) -> float | None:
+        """A headline metric of the stored evaluation (image_auroc, pixel_auroc, au_pro...)."""
+        value = (self.metrics or {}).get(name)
+        return None if value is None or name == "thresholds" else float(value)
+
+    def normal_score(self, statistic: str) -> float | None:
+        """A statistic (mean, std, p99...) of the normal test images' scores, if stored."""
+        value = (self.normal_scores or {}).get(statistic)
+        return None if value is None else float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def save_checkpoint(model: ReverseDistillation, path: str | Path, metadata: Mapping[str, Any]
@@ -61,13 +196,14 @@ def save_checkpoint(model: ReverseDistillation, path: str | Path, metadata: Mapp
         "software": {"rd": __version__, "torch": torch.__version__},
         **metadata,
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.student_state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous()
+               for k, v in model.checkpoint_state_dict().items()}
     header = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of a checkpoint, checked to be ours."""
+def read_metadata(path: str | Path) -> CheckpointMetadata:
+    """The metadata of a checkpoint, checked to be ours and of the right types."""
     from safetensors import safe_open
 
     path = _existing(path)
@@ -82,15 +218,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a safetensors file without rd metadata: not a "
                               "checkpoint of this package (use import-reference for reference "
                               "checkpoints)") from None
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    except RecursionError:
+        raise CheckpointError(f"{path}: bad metadata: nested too deeply to be ours") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: bad metadata: a JSON object expected, got "
+                              f"{type(meta).__name__}")
+    version = meta.get("format_version", 0)
+    if meta.get("format") != FORMAT or not _is_int(version) or version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
                               f"version {meta.get('format_version')!r}")
-    return meta
+    return CheckpointMetadata.from_dict(meta, str(path))
 
 
 def load_checkpoint(path: str | Path, teacher_weights: str | Path | None = None,
                     expect: Mapping[str, Any] | None = None
-                    ) -> tuple[ReverseDistillation, dict[str, Any]]:
+                    ) -> tuple[ReverseDistillation, CheckpointMetadata]:
     """Rebuild teacher + student from a checkpoint; every mismatch is a CheckpointError.
 
     ``expect`` holds metadata values the caller requires (e.g. backbone, image size).
@@ -118,8 +260,26 @@ def load_checkpoint(path: str | Path, teacher_weights: str | Path | None = None,
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(_unreadable(path, error)) from None
+    tensors = _load_adapted_teacher(model, tensors, meta, path)
     load_student(model, tensors, str(path))
     return model, meta
+
+
+def _load_adapted_teacher(model: ReverseDistillation, tensors: dict[str, torch.Tensor],
+                          meta: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Load the adapted teacher a checkpoint carries (rd.adapt); returns the other tensors."""
+    method = (meta.get("teacher_adapt") or {}).get("method", "none")
+    teacher = {k[len("teacher."):]: v for k, v in tensors.items() if k.startswith("teacher.")}
+    if method == "none":
+        return tensors
+    try:
+        model.teacher.load_state_dict(teacher, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: its adapted teacher ({method}) does not fit: "
+                              f"{first}") from None
+    model.teacher.adapted = method
+    return {k: v for k, v in tensors.items() if not k.startswith("teacher.")}
 
 
 def load_student(model: ReverseDistillation, tensors: Mapping[str, torch.Tensor],
@@ -217,5 +377,6 @@ def update_metadata(path: str | Path, updates: Mapping[str, Any]) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(_unreadable(path, error)) from None
-    header = {METADATA_KEY: json.dumps({**meta, **updates}, sort_keys=True)}
+    merged = CheckpointMetadata.from_dict({**meta.to_dict(), **updates}, str(path))
+    header = {METADATA_KEY: json.dumps(merged.to_dict(), sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))

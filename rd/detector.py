@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from PIL import Image
 
 from rd.checkpoints import load_checkpoint
 from rd.data import ImageSource, Preprocess
+from rd.errors import RDError
+from rd.geometry import Geometry, NativeMaps, predict_native
 from rd.model import Prediction, ReverseDistillation, resolve_device
 
 # --amp choices: autocast dtypes for the teacher and student (the maps stay float32).
@@ -57,6 +58,7 @@ class Detector:
         self.metadata = metadata
         self.preprocess = Preprocess.from_dict(metadata["preprocess"])
         self.fusion = metadata.get("fusion", "sum")
+        self.geometry = Geometry.from_metadata(metadata)  # squash (the paper) unless trained so
         self.batch_size = batch_size
         self._predict = torch.compile(self.model.predict) if compile else self.model.predict
 
@@ -88,19 +90,60 @@ class Detector:
                                         non_blocking=True), self.fusion, self.amp)
                  for chunk in batch.split(chunk_size)]
         if len(parts) == 1:  # the usual case (one image, or one batch): no copy
-            return parts[0]
-        return Prediction(*(torch.cat(items) for items in zip(
-            *((p.layer_maps, p.fused, p.scores) for p in parts), strict=True)))
+            return _finite(parts[0])
+        return _finite(Prediction(*(torch.cat(items) for items in zip(
+            *((p.layer_maps, p.fused, p.scores) for p in parts), strict=True))))
 
     def predict(self, images: ImageSource | Sequence[ImageSource] | torch.Tensor) -> Detection:
         """Per-layer maps, fused map and scores for paths, PIL images, arrays or a batch.
 
         A tensor must already be preprocessed (see ``preprocess``): (N, 3, S, S).
         """
+        if not isinstance(images, torch.Tensor) and not self.geometry.is_paper:
+            return self._predict_native(images)
         batch = images if isinstance(images, torch.Tensor) else self.to_batch(images)
         result = self.predict_tensor(batch)
         return Detection(result.layer_maps.cpu().numpy(), result.fused.cpu().numpy(),
                          result.scores.cpu().numpy())
+
+    def predict_native(self, image: ImageSource) -> NativeMaps:
+        """Maps of one image at its original size, fitted to the model as it was trained
+        (``squash`` upsamples the S×S maps; letterbox and tile: rd.geometry)."""
+        with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16,
+                            enabled=self.amp is not None):
+            maps = predict_native(self.model, image, self.preprocess, self.geometry,
+                                  self.fusion, CPU_CHUNK if self.device.type == "cpu"
+                                  else self.batch_size, self.device)
+        if not np.isfinite(maps.score):
+            _finite(Prediction(maps.layer_maps[None], maps.fused[None],
+                               torch.tensor([maps.score])))
+        return maps
+
+    def _predict_native(self, images: ImageSource | Sequence[ImageSource]) -> Detection:
+        """letterbox / tile checkpoints: maps at the images' original size (one size a call)."""
+        if isinstance(images, str | Path | Image.Image) or (
+                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            images = [images]
+        results = [self.predict_native(image) for image in images]
+        shapes = {tuple(r.fused.shape) for r in results}
+        if len(shapes) > 1:
+            raise ValueError(f"images of different sizes {sorted(shapes)}: predict them one "
+                             "at a time (maps come back at each image's original size)")
+        return Detection(torch.stack([r.layer_maps for r in results]).float().cpu().numpy(),
+                         torch.stack([r.fused for r in results]).float().cpu().numpy(),
+                         np.array([r.score for r in results], dtype=np.float32))
+
+
+class DetectionError(RDError, ValueError):
+    """The model produced maps that are no measurement (NaN or infinite values)."""
+
+
+def _finite(prediction: Prediction) -> Prediction:
+    """Refuse NaN or infinite maps (a NaN maximum propagates, so the scores tell)."""
+    if not bool(torch.isfinite(prediction.scores).all()):
+        raise DetectionError("the model's anomaly maps hold NaN or infinite values: its weights "
+                             "are broken (e.g. trained with a too large --lr); retrain it")
+    return prediction
 
 
 def load(checkpoint: str | Path, device: str | torch.device | None = None,
@@ -110,20 +153,3 @@ def load(checkpoint: str | Path, device: str | torch.device | None = None,
     model, metadata = load_checkpoint(checkpoint, teacher_weights)
     return Detector(model, metadata, device, amp=amp, channels_last=channels_last,
                     compile=compile)
-
-
-def add_inference_options(parser: argparse.ArgumentParser) -> None:
-    """The Detector's speed options as command-line flags (evaluate, predict)."""
-    group = parser.add_argument_group("speed (all off by default)")
-    group.add_argument("--amp", choices=sorted(AMP_DTYPES),
-                       help="autocast teacher and student on CUDA in this precision; maps and "
-                       "scores move by up to about 1e-2")
-    group.add_argument("--channels-last", action="store_true",
-                       help="NHWC weights and inputs (same maps within 1e-5)")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the predict graph (slow first batch)")
-
-
-def inference_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of ``load`` that add_inference_options parsed."""
-    return {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}

@@ -4,12 +4,13 @@ The archives are large, hosted by MVTec and licensed for non-commercial use only
 command says so before fetching, resumes a broken download instead of starting over, checks
 every archive against its recorded SHA-256, and unpacks without letting any member land
 outside the chosen root. A half-finished download or extraction never looks finished: bytes
-go to ``<file>.part`` and folders to a hidden staging folder until they are complete.
+go to ``<file>.part`` and folders to a hidden staging folder of this run (two runs never share
+one) until they are complete. An archive may unpack to at most ``MAX_UNPACK_RATIO`` times its own
+size (at least ``MIN_UNPACK_CAP``), so a small archive cannot fill the disk.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import os
@@ -17,6 +18,7 @@ import re
 import shutil
 import ssl
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +28,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
+
+from rd.errors import RDError
 
 LICENCE = ("MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial use only; attribution: "
            "Bergmann et al., CVPR 2019): https://www.mvtec.com/company/research/datasets/mvtec-ad")
@@ -39,10 +43,38 @@ _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionE
 # The stdlib's "data" filter (Python >= 3.10.12 / 3.11.4) backs up our own member check.
 _DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 _FILTER_ERROR = getattr(tarfile, "FilterError", ())
+# Unpacked bytes allowed per byte of archive (MVTec's PNGs barely compress: about 1.1), and the
+# least allowed for small archives.
+MAX_UNPACK_RATIO = 20
+MIN_UNPACK_CAP = 256 << 20
+STAGING_PREFIX = ".extracting-"
 
 
-class DownloadError(RuntimeError, OSError):
+class DownloadError(RDError, RuntimeError, OSError):
     """A download or extraction failed; the message says what to do (an OSError for the CLI)."""
+
+
+def unpack_cap(archive: Path) -> int:
+    """The default most bytes ``archive`` may unpack to."""
+    return max(MAX_UNPACK_RATIO * Path(archive).stat().st_size, MIN_UNPACK_CAP)
+
+
+class UnpackBudget:
+    """Counts the bytes an archive's members will take, refusing past ``cap`` before writing."""
+
+    def __init__(self, archive: Path, cap: int | None = None) -> None:
+        self.archive = Path(archive)
+        self.cap = unpack_cap(archive) if cap is None else cap
+        self.used = 0
+
+    def take(self, member: tarfile.TarInfo) -> None:
+        self.used += max(member.size, 0) if member.isfile() else 0
+        if self.used > self.cap:
+            size = (f"{self.cap / 1e9:.1f} GB" if self.cap >= 1e9 else
+                    f"{self.cap / 1e6:.1f} MB")
+            raise DownloadError(f"{self.archive} unpacks to more than {size} "
+                                f"(member {member.name!r} passes it): not the expected archive; "
+                                "nothing was installed")
 
 
 @dataclass(frozen=True)
@@ -243,22 +275,22 @@ def _verify(path: Path, expected_size: int | None, sha256: str | None, downloade
 
 
 def safe_extract(archive: Path, root: Path, folders: Collection[str] | None = None,
-                 must_contain: str = LAYOUT) -> list[Path]:
+                 must_contain: str = LAYOUT, max_unpacked: int | None = None) -> list[Path]:
     """Unpack the top-level ``folders`` (default: all) of a tar archive into ``root``.
 
     Every member is checked before it is written: an absolute path, a path or link leading
-    outside, or a device file refuses the whole archive, naming the member. Members go to a
-    staging folder under ``root``; each folder is renamed into place only once the whole
-    archive has been read and it holds ``must_contain``, so nothing half-unpacked is ever
-    found at ``root/<folder>``.
+    outside, a device file, or members adding up to more than ``max_unpacked`` bytes (default
+    ``unpack_cap``) refuse the whole archive, naming the member. Members go to a staging folder
+    of this run under ``root``; each folder is renamed into place only once the whole archive
+    has been read and it holds ``must_contain``, so nothing half-unpacked is ever found at
+    ``root/<folder>``.
     """
     archive, root = Path(archive), Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".extracting-{archive.name}"
-    shutil.rmtree(staging, ignore_errors=True)  # left behind by an interrupted run
-    staging.mkdir()
+    _remove_abandoned_staging(root)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
     try:
-        found = _extract_checked(archive, staging, folders)
+        found = _extract_checked(archive, staging, folders, UnpackBudget(archive, max_unpacked))
         wanted = list(folders) if folders is not None else sorted(found)
         if not wanted:
             raise DownloadError(f"{archive} holds no folder to unpack")
@@ -276,8 +308,26 @@ def safe_extract(archive: Path, root: Path, folders: Collection[str] | None = No
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _extract_checked(archive: Path, staging: Path, folders: Collection[str] | None
-                     ) -> set[str]:
+def _remove_abandoned_staging(root: Path) -> None:
+    """Delete staging folders whose run has ended (killed runs); running ones stay."""
+    for folder in root.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name.removeprefix(STAGING_PREFIX).partition("-")[0]
+        if folder.is_dir() and not (pid.isdigit() and _running(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _extract_checked(archive: Path, staging: Path, folders: Collection[str] | None,
+                     budget: UnpackBudget) -> set[str]:
     """Stream the archive once, checking then writing each wanted member; top-level names."""
     base = staging.resolve()
     found: set[str] = set()
@@ -290,6 +340,7 @@ def _extract_checked(archive: Path, staging: Path, folders: Collection[str] | No
                     continue  # the archive's own root entry, or a loose top-level file
                 if folders is not None and parts[0] not in folders:
                     continue
+                budget.take(member)
                 found.add(parts[0])
                 tar.extract(member, staging, **_DATA_FILTER)
     except _FILTER_ERROR as error:
@@ -331,14 +382,15 @@ def _inside(path: Path, base: Path) -> bool:
 
 def download_mvtec(root: Path, categories: Iterable[str] | None = None,
                    base_url: str | None = None, progress: bool = True,
-                   archive: Path | None = None) -> list[Path]:
+                   archive: Path | None = None, max_unpacked: int | None = None) -> list[Path]:
     """Make ``root/<category>`` for each category: download, verify and unpack what is missing.
 
     ``categories`` defaults to all 15 (with ``archive``: the one it is named after, else all).
     ``base_url`` (or ``$RD_MVTEC_BASE_URL``) replaces MVTec's links by ``<base_url>/<c>.tar.xz``,
     a mirror; the recorded checksums still apply. ``archive`` unpacks an already downloaded
     archive (one category's, or the full ``mvtec_anomaly_detection.tar.xz``) instead and
-    keeps it; a downloaded archive is deleted once unpacked. Returns the category folders.
+    keeps it; a downloaded archive is deleted once unpacked. ``max_unpacked`` caps the bytes
+    each archive may unpack to (default: ``unpack_cap``). Returns the category folders.
     """
     root, archive = Path(root), None if archive is None else Path(archive)
     if categories is None:
@@ -363,56 +415,26 @@ def download_mvtec(root: Path, categories: Iterable[str] | None = None,
         if not archive.is_file():
             raise DownloadError(f"{archive} is not a file: give the downloaded .tar.xz")
         print(f"unpacking {', '.join(missing)} from {archive}")
-        safe_extract(archive, root, missing)
+        safe_extract(archive, root, missing, max_unpacked=max_unpacked)
         return [root / c for c in categories]
     base = base_url or os.environ.get(BASE_URL_ENV)
     urls = {c: ARCHIVES[c].url for c in missing}
     if base:
         urls = {c: f"{base.rstrip('/')}/{PurePosixPath(urlsplit(u).path).name}"
                 for c, u in urls.items()}
-    print(f"downloading {len(missing)} archive(s), about {_total_size(missing)}, from "
+    print(f"downloading {len(missing)} archive(s), about {total_size(missing)}, from "
           f"{urlsplit(urls[missing[0]]).hostname} into {root}")
     for category in missing:
         entry = ARCHIVES[category]
         file = download_file(urls[category], root / f"{category}.tar.xz", entry.size,
                              entry.sha256, progress)
-        safe_extract(file, root, [category])
+        safe_extract(file, root, [category], max_unpacked=max_unpacked)
         file.unlink()
         print(f"{category}: ready in {root / category}")
     return [root / c for c in categories]
 
 
-def _total_size(categories: Iterable[str]) -> str:
+def total_size(categories: Iterable[str]) -> str:
     """The archives' total size in round decimal units, for the message before fetching."""
     total = sum(ARCHIVES[c].size or ARCHIVES[c].mib << 20 for c in categories)
     return f"{total / 1e9:.1f} GB" if total >= 1e9 else f"{total / 1e6:.0f} MB"
-
-
-# ----------------------------------------------------------------------------------- CLI
-
-
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Register ``download`` on the CLI's subcommands."""
-    p = commands.add_parser(
-        "download", help="fetch MVTec AD (CC BY-NC-SA 4.0, non-commercial)",
-        description="Download, verify (SHA-256) and unpack MVTec AD categories into "
-        "ROOT/<category>. A broken download resumes when run again. " + LICENCE)
-    p.add_argument("dataset", choices=["mvtec"])
-    p.add_argument("--category", action="extend", nargs="+", metavar="C",
-                   help=f"some of: {', '.join(ARCHIVES)} (default: all 15, about "
-                   f"{_total_size(ARCHIVES)})")
-    p.add_argument("--root", type=Path, required=True, help="folder to unpack into")
-    p.add_argument("--archive", type=Path, help="unpack this already downloaded archive (a "
-                   "category's, or mvtec_anomaly_detection.tar.xz) instead of downloading")
-    p.add_argument("--base-url", help="a mirror serving <category>.tar.xz (also "
-                   f"${BASE_URL_ENV})")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_download)
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    paths = download_mvtec(args.root, args.category, args.base_url, not args.quiet,
-                           args.archive)
-    print(f"MVTec AD in {args.root}: {', '.join(p.name for p in paths)}; train with "
-          f"python -m rd train --data {args.root} --category {paths[0].name}")
-    return 0

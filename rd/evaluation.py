@@ -8,17 +8,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rd import metrics
-from rd.data import ImageDataset, Sample
+from rd.data import ImageDataset, Sample, read_mask, resize_mask
 from rd.detector import Detector
+from rd.errors import RDError
 
 TARGET_FPRS = (0.01, 0.05, 0.1)
+# Where pixel metrics are computed: "model" S×S maps and masks (the paper's), or "native": the
+# images' original size (maps upsampled, masks as stored).
+EVAL_SIZES = ("model", "native")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(RDError, ValueError):
     """The test set cannot be evaluated as asked."""
 
 
@@ -26,9 +31,15 @@ ProgressCallback = Callable[[int, int], None]  # (images done, images in all)
 
 
 def predict_samples(detector: Detector, samples: Sequence[Sample], progress: bool = False,
-                    workers: int = 0, on_progress: ProgressCallback | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fused maps (N, S, S), masks (N, S, S) bool and scores (N,) of ``samples``."""
+                    workers: int = 0, on_progress: ProgressCallback | None = None,
+                    eval_size: str = "model") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fused maps (N, S, S), masks (N, S, S) bool and scores (N,) of ``samples``; with
+    ``eval_size="native"`` (or a letterbox / tile checkpoint) maps and masks come at the
+    images' size (``native``) or are resized to S×S (``model``)."""
+    if eval_size not in EVAL_SIZES:
+        raise EvaluationError(f"--eval-size must be one of {EVAL_SIZES}, got {eval_size!r}")
+    if eval_size == "native" or not detector.geometry.is_paper:
+        return _predict_native(detector, samples, progress, on_progress, eval_size)
     dataset = ImageDataset(samples, detector.preprocess)
     loader = DataLoader(dataset, batch_size=detector.batch_size, num_workers=workers)
     maps, masks, scores = [], [], []
@@ -43,9 +54,39 @@ def predict_samples(detector: Detector, samples: Sequence[Sample], progress: boo
     return np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
 
 
+def _predict_native(detector: Detector, samples: Sequence[Sample], progress: bool,
+                    on_progress: ProgressCallback | None, eval_size: str
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    size = (detector.image_size, detector.image_size)
+    maps, masks, scores = [], [], []
+    for sample in tqdm(samples, desc="evaluate", unit="image", disable=not progress,
+                       file=sys.stderr):
+        native = detector.predict_native(sample.path)
+        fused = native.fused.float()
+        mask = (read_mask(sample.mask_path) if sample.mask_path is not None
+                else np.zeros(tuple(fused.shape), dtype=bool))
+        if mask.shape != tuple(fused.shape):
+            raise EvaluationError(f"{sample.mask_path}: mask is {mask.shape} but image "
+                                  f"{sample.path} is {tuple(fused.shape)} (h, w)")
+        if eval_size == "model":
+            fused = F.interpolate(fused[None, None], size=size, mode="bilinear",
+                                  align_corners=False)[0, 0]
+            mask = resize_mask(mask, size)
+        maps.append(fused.cpu().numpy())
+        masks.append(mask)
+        scores.append(native.score)
+        if on_progress:
+            on_progress(len(maps), len(samples))
+    if len({m.shape for m in maps}) > 1:
+        raise EvaluationError("--eval-size native needs test images of one size; use "
+                              "--eval-size model")
+    return np.stack(maps), np.stack(masks), np.array(scores, dtype=np.float32)
+
+
 def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = False,
              progress: bool = False, workers: int = 0,
-             on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+             on_progress: ProgressCallback | None = None, eval_size: str = "model"
+             ) -> dict[str, Any]:
     """Every metric of one test set, per defect type too, in one JSON-serialisable dict."""
     if not samples:
         raise EvaluationError("the test set is empty")
@@ -57,7 +98,8 @@ def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = F
         raise EvaluationError("the test set needs both normal and defective images to compute "
                               f"AUROC; it has only {'defective' if labels[0] else 'normal'} ones")
     started = time.perf_counter()
-    maps, masks, scores = predict_samples(detector, samples, progress, workers, on_progress)
+    maps, masks, scores = predict_samples(detector, samples, progress, workers, on_progress,
+                                          eval_size)
     inference_seconds = time.perf_counter() - started
     has_masks = all(s.mask_path is not None for s in samples if s.label == 1)
     defects = np.array([s.defect for s in samples])
@@ -66,6 +108,7 @@ def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = F
     report: dict[str, Any] = {
         "backbone": detector.backbone,
         "image_size": detector.image_size,
+        **({} if eval_size == "model" else {"eval_size": eval_size}),
         "teacher_weights": detector.metadata.get("teacher_weights"),
         "n_images": len(samples),
         "n_normal": int(normal.sum()),
@@ -83,10 +126,11 @@ def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = F
         "normal_scores": metrics.score_statistics(scores[normal]),
         "defective_scores": metrics.score_statistics(scores[~normal]),
     }
-    if has_masks:
-        report["pixel_auroc"] = metrics.pixel_auroc(masks, maps)
-        report["au_pro"] = metrics.au_pro(masks, maps)
-        report["pixel_roc"] = metrics.pixel_roc_curve(masks, maps)
+    if has_masks:  # pixels sorted once per defect type, shared by every pixel metric below
+        pixels = metrics.PixelScores(masks, maps, np.where(normal, "", defects))
+        report["pixel_auroc"] = pixels.auroc()
+        report["au_pro"] = pixels.au_pro()
+        report["pixel_roc"] = pixels.roc_curve()
         if legacy_pro:
             report["legacy_pro"] = metrics.legacy_pro(masks, maps)
     report["per_defect"] = {}
@@ -98,8 +142,8 @@ def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = F
             "image_roc": metrics.roc_curve_points(labels[subset], scores[subset]),
         }
         if has_masks:
-            entry["pixel_auroc"] = metrics.pixel_auroc(masks[subset], maps[subset])
-            entry["au_pro"] = metrics.au_pro(masks[subset], maps[subset])
+            entry["pixel_auroc"] = pixels.auroc(["", defect])
+            entry["au_pro"] = pixels.au_pro(["", defect])
         report["per_defect"][defect] = entry
     report["images"] = [
         {"path": str(s.path), "defect": s.defect, "label": int(s.label), "score": float(score)}
@@ -120,3 +164,16 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]
     rows.append(("all", str(report["n_images"]), pct(report["image_auroc"]),
                  pct(report["pixel_auroc"]), pct(report["au_pro"])))
     return rows
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The per-defect metrics as an aligned text table (what ``train`` and ``evaluate`` print)."""
+    header = ("defect", "n", "img AUROC", "px AUROC", "AU-PRO")
+    rows = [header, *summary_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    if "legacy_pro" in report:
+        lines.append(f"legacy per-image PRO (reference code): {100 * report['legacy_pro']:.1f}")
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""``python -m rd export``: the whole inference graph of a checkpoint as one ONNX file.
+"""The whole inference graph of a checkpoint as one ONNX file.
 
 One file holds teacher, student, per-layer ``1 - cos`` maps, fusion, the Gaussian blur and the
 score, so a deployment needs no Python and no SciPy: feed it preprocessed images, read the same
@@ -19,7 +19,6 @@ checkpoint. Export uses torch's ``torch.export``-based exporter (needs ``onnx`` 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -27,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rd.checkpoints import atomic_write
-from rd.detector import Detector, load
+from rd.detector import Detector
+from rd.errors import RDError
+from rd.files import atomic_write
 
 FORMATS = ("onnx",)
 DEFAULT_OPSET = 18  # the torch.export-based exporter's own opset: no version conversion
@@ -37,7 +37,7 @@ OUTPUT_NAMES = ["layer_maps", "fused", "scores"]
 TOLERANCE = 1e-4  # onnxruntime against torch, max absolute difference of every output
 
 
-class ExportError(ValueError):
+class ExportError(RDError, ValueError):
     """The graph cannot be exported or does not match torch."""
 
 
@@ -105,40 +105,3 @@ def verify_onnx(path: str | Path, detector: Detector, batch: torch.Tensor) -> di
     expected = (reference.layer_maps, reference.fused, reference.scores)
     return {name: float(np.abs(got - want.cpu().numpy()).max())
             for name, got, want in zip(OUTPUT_NAMES, ours, expected, strict=True)}
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    detector = load(args.checkpoint, args.device, args.teacher_weights)
-    path = export_onnx(detector, args.out, args.opset)
-    print(f"exported {args.checkpoint} -> {path} ({path.stat().st_size / 2**20:.1f} MiB, "
-          f"opset {args.opset}, input 'images' (N, 3, {detector.image_size}, "
-          f"{detector.image_size}), outputs {', '.join(OUTPUT_NAMES)})")
-    if args.verify:
-        generator = torch.Generator().manual_seed(0)
-        sample = torch.randn(3, 3, detector.image_size, detector.image_size, generator=generator)
-        differences = verify_onnx(path, detector, sample)
-        worst = max(differences.values())
-        print("onnxruntime vs torch, max abs difference: " +
-              ", ".join(f"{name} {value:.2e}" for name, value in differences.items()))
-        if worst > TOLERANCE:
-            raise ExportError(f"the exported graph differs from torch by {worst:.2e} "
-                              f"(> {TOLERANCE:g})")
-    return 0
-
-
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Register ``export`` on the ``python -m rd`` command line."""
-    p = commands.add_parser(
-        "export", help="export a checkpoint's whole inference graph (ONNX)",
-        description="Write teacher + student + maps + blur + score as one ONNX file with a "
-        "dynamic batch axis; input 'images' (N, 3, S, S) preprocessed as the checkpoint says "
-        "(see the file's rd.preprocess metadata), outputs layer_maps, fused, scores.")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--out", type=Path, required=True, help="file to write (.onnx)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
-    p.add_argument("--verify", action="store_true",
-                   help="run the file with onnxruntime and compare with torch (max diff 1e-4)")
-    p.add_argument("--device", default="cpu", help="device to trace on (default cpu)")
-    p.add_argument("--teacher-weights", type=Path)
-    p.set_defaults(func=cmd_export)

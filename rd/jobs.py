@@ -11,13 +11,20 @@ can disagree with it (a folder deleted or copied by hand); each job process writ
 folder; and a studio holds tens of jobs, so listing them reads tens of small files. Transitions
 and scheduling are serialised by an advisory lock (``flock``) on ``<root>/.lock``.
 
+**Spec.** What a job runs is typed: a ``TrainConfig`` (its ``to_dict``), the MVTec root and
+category, whether to evaluate, the dataset name it is registered under and the number of
+processes, all validated before the job folder exists. Folders written by earlier versions hold
+``train_args`` (command-line options) instead: they still list, and the command line converts
+them when it resumes or runs one (``migrate``); the library refuses to run them.
+
 **Processes.** A job runs as ``python -m rd jobs run ID``, started in a new session (its own
 process group, no terminal) with its output in ``job.log``, so it outlives the CLI command or the
-Streamlit script run that started it. With one process it runs ``python -m rd train`` in itself;
-with ``nproc`` > 1 it starts ``python -m torch.distributed.run --standalone --nproc-per-node N -m
-rd train`` and waits for it (DDP semantics: ``rd.training``). When training succeeds it registers
-the checkpoint in the user manifest (``python -m rd register``, with the evaluation report the
-train command stored in it), so the app lists the model at once.
+Streamlit script run that started it. With one process it runs the pipeline
+(``rd.pipeline.train_and_evaluate``) in itself; with ``nproc`` > 1 it starts ``python -m
+torch.distributed.run --standalone --nproc-per-node N -m rd jobs rank ID`` (each rank runs the
+same pipeline; DDP semantics: ``rd.training``) and waits for it. When training succeeds it
+registers the checkpoint in the user manifest (``rd.pipeline.register_model``, with the
+evaluation report stored in it), so the app lists the model at once.
 
 **Scheduling without a daemon.** ``schedule()`` is one step: it marks "running" jobs whose
 processes are gone, forces overdue cancellations, then starts queued jobs in queue order while a
@@ -43,9 +50,7 @@ POSIX only (sessions, signals, flock); liveness reads ``/proc`` where it exists.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 import json
 import os
 import re
@@ -57,23 +62,24 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
-from rd.backbones import WeightsError
-from rd.checkpoints import CheckpointError, atomic_write, read_metadata
-from rd.data import DataError, MVTecCategory, list_categories
+from rd.checkpoints import read_metadata
+from rd.data import MVTecCategory, list_categories
+from rd.errors import RDError
+from rd.evaluation import format_summary
+from rd.files import atomic_write, data_home, die_with_parent
 from rd.model import resolve_device
-from rd.paths import data_home
+from rd.pipeline import register_model, train_and_evaluate
 from rd.training import (
     STOPPED_EXIT,
     TrainConfig,
-    TrainingError,
-    die_with_parent,
+    TrainingStopped,
     log_path,
     request_stop,
     resume_path,
@@ -90,12 +96,11 @@ LOG = "job.log"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # on the job's PYTHONPATH: the same rd runs
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
-_NO_OUT = "\0"  # stands in for --out when validating: a job writes into its own folder
 # Job processes started by this process, polled by schedule() so none is left a zombie.
 _LAUNCHED: dict[int, subprocess.Popen] = {}
 
 
-class JobError(ValueError):
+class JobError(RDError, ValueError):
     """A job request or action is refused; the message says why."""
 
 
@@ -132,6 +137,31 @@ class Job:
     @property
     def log(self) -> Path:
         return self.folder / LOG
+
+    @property
+    def legacy(self) -> bool:
+        """Written by an earlier version, with command-line options instead of a typed spec."""
+        return "config" not in self.spec
+
+    @property
+    def config(self) -> TrainConfig:
+        """The training configuration (JobError for a legacy spec, or a damaged one)."""
+        if self.legacy:
+            raise JobError(f"job {self.id} was saved by an earlier version as command-line "
+                           f"options and cannot be run from here: `python -m rd jobs resume "
+                           f"{self.id}` converts it, or submit it again")
+        try:
+            return TrainConfig.from_dict(self.spec["config"])
+        except RDError as error:
+            raise JobError(f"job {self.id} has an invalid spec: {error}") from None
+
+    @property
+    def command(self) -> str:
+        """The equivalent command line, for people to read."""
+        if self.legacy:
+            return f"python -m rd train {shlex.join(self.spec.get('train_args', []))}"
+        return self.spec.get("command") or (
+            f"train {self.spec['backbone']} on {self.spec['data']} / {self.spec['category']}")
 
     def metrics(self) -> list[dict[str, Any]]:
         """The per-epoch records of the training log (a torn last line is skipped)."""
@@ -174,18 +204,20 @@ def jobs_root(root: str | Path | None = None) -> Path:
 # ------------------------------------------------------------------------------ requests
 
 
-def submit(train_args: Sequence[str], *, name: str = "", dataset: str | None = None,
-           nproc: int = 1, idempotency_key: str | None = None,
+def submit(config: TrainConfig, data: str | Path, category: str, *, evaluate: bool = True,
+           name: str = "", dataset: str | None = None, nproc: int = 1,
+           idempotency_key: str | None = None, command: str = "",
            root: str | Path | None = None) -> Job:
-    """Queue a training run (``train_args``: the options of ``python -m rd train`` except
-    ``--out``), starting it at once when a slot is free.
+    """Queue a training run of ``config`` on ``data``/``category`` (an MVTec-layout root),
+    starting it at once when a slot is free.
 
     Everything is checked before anything is written: a refused request leaves no job. A request
     with the ``idempotency_key`` of an earlier one returns that job instead of starting another.
-    ``dataset`` is the data source's name in the manifest (default: the data folder's name).
+    ``dataset`` is the data source's name in the manifest (default: the data folder's name);
+    ``command`` is the equivalent command line, shown to people.
     """
     root = jobs_root(root)
-    spec = _validated(list(map(str, train_args)), name, dataset, nproc)
+    spec = _validated(config, Path(data), category, evaluate, name, dataset, nproc)
     with _locked(root):
         for job in _all(root):
             if idempotency_key and job.spec.get("idempotency_key") == idempotency_key:
@@ -194,71 +226,76 @@ def submit(train_args: Sequence[str], *, name: str = "", dataset: str | None = N
         folder = root / job_id
         folder.mkdir()
         now = time.time()
-        spec = {"id": job_id, **spec, "idempotency_key": idempotency_key, "submitted": now}
+        spec = {"id": job_id, **spec, "command": command, "idempotency_key": idempotency_key,
+                "submitted": now}
         _write_json(folder / "spec.json", spec)
         _write_json(folder / "status.json", {"state": "queued", "queued_at": now, "attempts": 0})
     schedule(root)
     return get(job_id, root)
 
 
-def _validated(train_args: list[str], name: str, dataset: str | None, nproc: int
-               ) -> dict[str, Any]:
+def _validated(config: TrainConfig, data: Path, category: str, evaluate: bool, name: str,
+               dataset: str | None, nproc: int) -> dict[str, Any]:
     """The job's spec, or JobError saying what is wrong with the request."""
-    from rd.cli import build_parser  # here: rd.cli imports this module
-
-    errors = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(errors):
-            args = build_parser().parse_args(["train", "--out", _NO_OUT, *train_args])
-    except SystemExit:
-        reason = errors.getvalue().strip().splitlines()
-        raise JobError(f"invalid training options: {reason[-1] if reason else train_args}") \
-            from None
-    if args.out != Path(_NO_OUT) or args.resume or args.overwrite:
-        raise JobError("--out, --resume and --overwrite belong to the runner: a job writes into "
-                       "its own folder, and `jobs resume ID` continues it")
-    if args.data is None or not args.category or args.normal is not None:
-        raise JobError("a job trains on a category of an MVTec-layout folder: give --data ROOT "
-                       "--category C")
-    if not isinstance(nproc, int) or nproc < 1:
+    if not isinstance(config, TrainConfig):
+        raise JobError(f"a job needs a TrainConfig, got {type(config).__name__}")
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise JobError(f"the number of processes must be a whole number >= 1, got {nproc!r}")
     try:
-        config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-        config.validate()
-        if args.category not in list_categories(args.data):
-            raise JobError(f"{args.data} has no category {args.category!r} (with train/good)")
-        images = len(MVTecCategory(args.data, args.category).train_samples())
-        device = resolve_device(args.device)
+        config = TrainConfig.from_dict(config.to_dict())  # what the job process will read
+        if category not in list_categories(data):
+            raise JobError(f"{data} has no category {category!r} (with train/good)")
+        images = len(MVTecCategory(data, category).train_samples())
+        device = resolve_device(config.device)
         if config.amp and device.type != "cuda":
             raise JobError("--amp needs a CUDA device")
         if device.type == "cuda" and nproc > 1:
             if device.index is not None:
                 raise JobError(f"{nproc} processes use one GPU each: give --device cuda, "
-                               f"not {args.device}")
+                               f"not {config.device}")
             if nproc > torch.cuda.device_count():
                 raise JobError(f"{nproc} processes need {nproc} GPUs; this machine has "
                                f"{torch.cuda.device_count()}")
         if nproc > min(config.batch_size, images):
             raise JobError(f"{nproc} processes need a batch size and a training set of at least "
                            f"{nproc} images (--batch-size is the global batch)")
-        if args.init is not None:
-            meta = read_metadata(args.init)
+        if config.init is not None:
+            meta = read_metadata(config.init)
             size = meta.get("preprocess", {}).get("size")
             if (meta["backbone"], size) != (config.backbone, config.image_size):
-                raise JobError(f"--init {args.init} is a {meta['backbone']} student at {size} px; "
-                               f"this job trains {config.backbone} at {config.image_size} px")
-    except (TrainingError, DataError, CheckpointError, WeightsError, OSError,
-            ValueError) as error:  # ValueError: resolve_device's "no GPU", and JobError itself
+                raise JobError(f"--init {config.init} is a {meta['backbone']} student at {size} "
+                               f"px; this job trains {config.backbone} at {config.image_size} px")
+    except (RDError, OSError, ValueError) as error:  # ValueError: resolve_device's "no GPU"
         raise JobError(str(error)) from None
-    dataset = dataset if dataset is not None else Path(args.data).resolve().name
+    dataset = dataset if dataset is not None else data.resolve().name
     if dataset in ("", ".", "..") or any(c in dataset for c in "/\\\0") or len(dataset) > 100:
         raise JobError(f"invalid dataset name {dataset!r}: one folder name, no path")
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-_")[:60]
-    return {"name": slug or f"{args.category}-{config.backbone}", "dataset": dataset,
-            "category": args.category, "backbone": config.backbone, "epochs": config.epochs,
-            "device": args.device, "nproc": nproc,
-            "resource": "gpu" if device.type == "cuda" else "cpu",
-            "train_args": train_args, "cwd": os.getcwd()}
+    return {"name": slug or f"{category}-{config.backbone}", "dataset": dataset,
+            "category": category, "data": str(data.resolve()), "config": config.to_dict(),
+            "evaluate": bool(evaluate), "backbone": config.backbone, "epochs": config.epochs,
+            "device": config.device, "nproc": nproc,
+            "resource": "gpu" if device.type == "cuda" else "cpu", "cwd": os.getcwd()}
+
+
+def migrate(job_id: str, config: TrainConfig, data: str | Path, evaluate: bool = True,
+            root: str | Path | None = None) -> Job:
+    """Give a job saved with command-line options (by an earlier version) its typed spec.
+
+    ``config``, ``data`` (relative paths count from the job's working folder) and ``evaluate``
+    are what its options meant: the command line parses them. The options stay in the spec
+    under ``train_args``, so ``command`` still shows them.
+    """
+    root = jobs_root(root)
+    with _locked(root):
+        job = get(job_id, root)
+        if job.legacy:
+            spec = {**job.spec, "config": TrainConfig.from_dict(config.to_dict()).to_dict(),
+                    "data": str((Path(job.spec["cwd"]) / data).resolve()),
+                    "evaluate": bool(evaluate),
+                    "command": f"python -m rd train {shlex.join(job.spec['train_args'])}"}
+            _write_json(job.folder / "spec.json", spec)
+    return get(job_id, root)
 
 
 def get(job_id: str, root: str | Path | None = None) -> Job:
@@ -305,6 +342,7 @@ def resume(job_id: str, root: str | Path | None = None) -> Job:
         if job.state not in RESUMABLE:
             raise JobError(f"job {job_id} is {job.state}: only cancelled or interrupted jobs can "
                            "be resumed")
+        job.config  # noqa: B018  (a legacy or damaged spec is refused here, not in the job)
         _set(job, state="queued", queued_at=time.time(), cancel_requested_at=None,
              message="queued to resume")
     schedule(root)
@@ -397,12 +435,10 @@ def run_job(job_id: str, root: str | Path | None = None) -> int:
                        "`jobs run` is what the scheduler starts; use `jobs resume`")
     signal.signal(signal.SIGTERM, lambda *_: request_stop())  # honoured from the first step
     code = _train(job)
-    registered = 1
-    if code == 0:
-        registered = _cli(["register", str(job.checkpoint), "--dataset", job.spec["dataset"]])
+    registered = code == 0 and _reported(lambda: _register(job))
     with _locked(root):
         job = get(job_id, root)
-        if code == 0 and registered == 0:
+        if code == 0 and registered:
             state, message = "succeeded", "trained, evaluated and registered"
         elif code == 0:
             state, message = "failed", f"trained, but not registered: {_last_error(job)}"
@@ -418,31 +454,66 @@ def run_job(job_id: str, root: str | Path | None = None) -> int:
 
 
 def _train(job: Job) -> int:
-    """Run the train command for the job (continuing from its resume state when there is one)."""
-    argv = ["train", *job.spec["train_args"], "--out", str(job.checkpoint)]
-    if resume_path(job.checkpoint).exists():  # written with (or before) every checkpoint
-        argv.append("--resume")
+    """Train the job in this process, or in torchrun's; the exit code (a stop's included)."""
     if job.spec["nproc"] == 1:
-        return _cli(argv)
+        return run_rank(job)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(job.spec["nproc"]), "-m", "rd", *argv]
+               "--nproc-per-node", str(job.spec["nproc"]), "-m", "rd", "jobs", "rank", job.id,
+               "--root", str(job.folder.parent)]
     print(f"--- {shlex.join(command)}", flush=True)
     process = subprocess.Popen(command, preexec_fn=die_with_parent)
     signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
     return process.wait()
 
 
-def _cli(argv: list[str]) -> int:
-    """``python -m rd ARGV`` in this process; its exit code (a stopped training's included)."""
-    from rd.cli import main
+def run_rank(job: Job) -> int:
+    """One training process of the job (the only one, or a torchrun rank): the pipeline,
+    continuing from the job's resume state when there is one; an exit code."""
+    def pipeline() -> None:
+        config = job.config
+        resume = resume_path(job.checkpoint).exists()  # written with every checkpoint
+        outcome = train_and_evaluate(
+            MVTecCategory(job.spec["data"], job.spec["category"]), config, job.checkpoint,
+            metadata={"command": job.command}, resume=resume, overwrite=True,
+            evaluate_after=job.spec["evaluate"], progress=True)
+        result = outcome.result
+        if result.rank:
+            return
+        loss = result.losses[-1] if result.losses else float("nan")
+        print(f"trained {result.epochs_trained} epochs in {result.seconds:.1f} s; final loss "
+              f"{loss:.4f}; checkpoint {job.checkpoint}")
+        if outcome.not_evaluated:
+            print(f"not evaluated: {outcome.not_evaluated}")
+        if outcome.report is not None:
+            print(format_summary(outcome.report))
+            print(f"report {outcome.report_path}")
 
     try:
-        return main(argv)
-    except SystemExit as stop:  # TrainingStopped, or an argparse error
-        return stop.code if isinstance(stop.code, int) else 1
+        return 0 if _reported(pipeline) else 2
+    except TrainingStopped as stop:
+        return stop.code
+
+
+def _register(job: Job) -> None:
+    entry = register_model(job.checkpoint, job.spec["dataset"])
+    print(f"registered {entry.dataset}/{entry.category}/{entry.backbone} -> {entry.path}")
+
+
+def _reported(step) -> bool:
+    """Run ``step()``; an error goes to the log as ``error: ...`` (a traceback if unexpected).
+    Whether it succeeded."""
+    try:
+        step()
+        return True
+    except (RDError, OSError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"error: {message}", file=sys.stderr)
+        return False
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except Exception:
         traceback.print_exc()
-        return 1
+        return False
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -524,132 +595,3 @@ def _alive(status: dict[str, Any]) -> bool:
     # The leader is gone (or a zombie): torchrun and its ranks may still be running in its group.
     others = (_stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit())
     return any(stat is not None and stat[1] == pid and stat[0] != "Z" for stat in others)
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    """``python -m rd jobs ...``; ``jobs submit`` takes the train command's options."""
-    parser = commands.add_parser(
-        "jobs", help="background training jobs: submit, list, show, cancel, resume, logs",
-        description=__doc__.split("\n\n")[0])
-    actions = parser.add_subparsers(dest="jobs_command", required=True)
-
-    p = actions.add_parser("submit", parents=[commands.choices["train"]],
-                           conflict_handler="resolve", help="queue a training run",
-                           description="Queue `python -m rd train` with these options (all "
-                           "but --out, --resume, --overwrite) and print the job id.")
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    _add_job_options(p)
-    p.set_defaults(func=cmd_submit)
-
-    for name, help_text, func in (
-            ("list", "every job with its state and progress", cmd_list),
-            ("show", "a job's status, progress, metrics and last log lines", cmd_show),
-            ("cancel", "stop a job (its resume state is kept)", cmd_cancel),
-            ("resume", "continue a cancelled or interrupted job", cmd_resume),
-            ("logs", "print a job's log", cmd_logs),
-            ("run", "(internal) a job's own process, as the scheduler starts it", cmd_run)):
-        p = actions.add_parser(name, help=help_text)
-        if name != "list":
-            p.add_argument("job", help="job id (see `jobs list`)")
-        if name == "logs":
-            p.add_argument("--follow", action="store_true", help="keep printing until it ends")
-        p.add_argument("--root", type=Path, help=f"jobs folder (default ${ROOT_ENV}, else "
-                       "<data home>/jobs)")
-        p.set_defaults(func=func)
-
-
-def _add_job_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", default="", help="a short name, part of the job id")
-    parser.add_argument("--dataset", help="data source name the model is registered under "
-                        "(default: the --data folder's name)")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="processes (one GPU each with --device cuda; gloo on the CPU): DDP "
-                        "through torchrun, --batch-size being the global batch")
-    parser.add_argument("--idempotency-key", help="submitting the same key again returns the "
-                        "first job instead of starting another")
-    parser.add_argument("--root", type=Path, help=f"jobs folder (default ${ROOT_ENV}, else "
-                        "<data home>/jobs)")
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    job_options = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    _add_job_options(job_options)
-    options, train_args = job_options.parse_known_args(args.argv[2:])  # after "jobs submit"
-    job = submit(train_args, name=options.name, dataset=options.dataset, nproc=options.nproc,
-                 idempotency_key=options.idempotency_key, root=options.root)
-    print(f"{job.id}\t{job.state}\t{job.folder}")
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    rows = [("id", "state", "epoch", "loss", "dataset/category", "backbone", "procs")]
-    for job in schedule(args.root):
-        progress, metrics = job.progress(), job.metrics()
-        rows.append((job.id, job.state, f"{progress.epoch}/{progress.epochs}",
-                     f"{metrics[-1]['loss']:.4f}" if metrics else "-",
-                     f"{job.spec['dataset']}/{job.spec['category']}", job.spec["backbone"],
-                     str(job.spec["nproc"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    return 0
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    schedule(args.root)
-    job = get(args.job, args.root)
-    progress = job.progress()
-    eta = f", about {progress.eta_s:.0f} s left" if progress.eta_s is not None else ""
-    print(f"job       {job.id} ({job.folder})\nstate     {job.state}"
-          f"{': ' + job.status['message'] if job.status.get('message') else ''}\n"
-          f"progress  epoch {progress.epoch}/{progress.epochs}{eta}\n"
-          f"attempts  {job.status.get('attempts', 0)}\n"
-          f"command   python -m rd train {shlex.join(job.spec['train_args'])}"
-          f" (processes: {job.spec['nproc']})")
-    for record in job.metrics()[-5:]:
-        print(f"epoch {record['epoch']:>4}  loss {record['loss']:.4f}  {record['seconds']:.1f} s")
-    print(job.log_tail(15))
-    return 0
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    job = cancel(args.job, args.root)
-    deadline = time.monotonic() + CANCEL_TIMEOUT_S + 10
-    while job.state == "running" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        schedule(args.root)  # forces the kill once CANCEL_TIMEOUT_S is over
-        job = get(args.job, args.root)
-    print(f"{job.id}\t{job.state}\t{job.status.get('message', '')}")
-    return 0
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    job = resume(args.job, args.root)
-    print(f"{job.id}\t{job.state}")
-    return 0
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    schedule(args.root)
-    job = get(args.job, args.root)
-    _copy_log(job, sys.stdout, follow=args.follow, root=args.root)
-    return 0
-
-
-def _copy_log(job: Job, out: TextIO, follow: bool, root: Path | None) -> None:
-    with job.log.open(errors="replace") as log:
-        while True:
-            out.write(log.read())
-            out.flush()
-            if not follow or job.state not in ACTIVE:
-                return
-            time.sleep(1.0)
-            schedule(root)
-            job = get(job.id, root)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    return run_job(args.job, args.root)

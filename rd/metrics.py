@@ -7,6 +7,10 @@ throughout: a higher score means "more anomalous", a sample is predicted defecti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
@@ -63,20 +67,6 @@ def _require_both_classes(y: np.ndarray, what: str) -> None:
         )
 
 
-def _distinct_descending(neg_sorted: np.ndarray, pos_sorted: np.ndarray) -> np.ndarray:
-    """Distinct values of two ascending arrays, descending.
-
-    A stable sort of two concatenated sorted runs is a linear-time merge, far cheaper than
-    np.union1d re-sorting millions of pixels.
-    """
-    merged = np.concatenate((neg_sorted, pos_sorted))
-    merged.sort(kind="stable")
-    keep = np.empty(merged.size, dtype=bool)
-    keep[:1] = True
-    np.not_equal(merged[1:], merged[:-1], out=keep[1:])
-    return merged[keep][::-1]
-
-
 def _above_threshold_max(scores: np.ndarray) -> float:
     """Finite threshold that flags nothing: the next float above the maximum score.
 
@@ -92,13 +82,164 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     return float(skm.roc_auc_score(y, s))
 
 
-def _sorted_pixel_scores(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted scores of the normal pixels and of the defective pixels."""
-    m, a = _masks_and_maps(masks, maps)
-    y = m.ravel()
-    _require_both_classes(y, "masks")
-    s = a.ravel()
-    return np.sort(s[~y]), np.sort(s[y])
+@dataclass(frozen=True)
+class _SortedPixels:
+    """Pixel scores of some images, sorted: the normal pixels, and the defective pixels with the
+    PRO weight of each (1 / size of its region)."""
+
+    neg: np.ndarray
+    pos: np.ndarray
+    weights: np.ndarray
+    n_regions: int
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two ascending arrays in linear time; returns (merged, True where from ``b``).
+
+    Each element of ``b`` lands before the equal elements of ``a``; the binary search costs
+    len(b) * log(len(a)): ``b`` is the shorter array (the defective pixels).
+    """
+    from_b = np.zeros(a.size + b.size, dtype=bool)
+    from_b[np.searchsorted(a, b, side="left") + np.arange(b.size)] = True
+    merged = np.empty(from_b.size, dtype=np.result_type(a, b))
+    merged[from_b] = b
+    merged[~from_b] = a
+    return merged, from_b
+
+
+def _union(parts: Sequence[_SortedPixels]) -> _SortedPixels:
+    """The sorted pixels of several disjoint groups of images, merged without sorting again.
+
+    A stable sort of concatenated ascending runs is a merge (timsort finds the runs): linear in
+    the number of pixels for the few groups a report has.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    neg = np.concatenate([p.neg for p in parts])
+    neg.sort(kind="stable")
+    pos = np.concatenate([p.pos for p in parts])
+    order = np.argsort(pos, kind="stable")
+    weights = np.concatenate([p.weights for p in parts])[order]
+    return _SortedPixels(neg, pos[order], weights, sum(p.n_regions for p in parts))
+
+
+class PixelScores:
+    """The pixel scores of a test set sorted once, shared by every pixel-level metric.
+
+    A report asks for pixel AUROC, AU-PRO and the ROC curve of the whole set and again for each
+    defect type. Images are sorted per group (``groups``: one key per image, e.g. its defect
+    type, normal images sharing one key); the metrics of any union of groups merge the groups'
+    sorted runs in linear time, and each metric's counts come from one pass over the merged
+    scores instead of binary searches. Regions are 8-connected within each image.
+    """
+
+    def __init__(self, masks: ArrayLike, maps: ArrayLike, groups: ArrayLike | None = None
+                 ) -> None:
+        m, a = _masks_and_maps(masks, maps)
+        keys = np.zeros(len(m), dtype=int) if groups is None else np.asarray(groups)
+        if keys.shape != (len(m),):
+            raise ValueError(f"groups must give one key per image; got {keys.shape} for "
+                             f"{len(m)} images")
+        regions, _ = ndimage.label(m, structure=_EIGHT_CONNECTED_PER_IMAGE)
+        sizes = np.bincount(regions.ravel())
+        self._groups: dict[Any, _SortedPixels] = {}
+        for key in dict.fromkeys(keys.tolist()):  # first-seen order
+            chosen = keys == key
+            region_of = regions[chosen].ravel()
+            scores = a[chosen].ravel()
+            normal = region_of == 0
+            pos_scores = scores[~normal]
+            order = np.argsort(pos_scores)
+            pos_regions = region_of[~normal]
+            self._groups[key] = _SortedPixels(
+                np.sort(scores[normal]), pos_scores[order], 1.0 / sizes[pos_regions[order]],
+                int(np.unique(pos_regions).size))
+        self._unions: dict[tuple, _SortedPixels] = {}
+
+    def _select(self, groups: Sequence[Any] | None) -> _SortedPixels:
+        keys = tuple(self._groups) if groups is None else tuple(groups)
+        unknown = [k for k in keys if k not in self._groups]
+        if unknown or not keys:
+            raise ValueError(f"unknown image groups {unknown}; known: {list(self._groups)}")
+        if keys not in self._unions:
+            self._unions[keys] = _union([self._groups[k] for k in keys])
+        return self._unions[keys]
+
+    def _both_classes(self, groups: Sequence[Any] | None) -> _SortedPixels:
+        chosen = self._select(groups)
+        if chosen.pos.size == 0 or chosen.neg.size == 0:
+            only = "defective" if chosen.pos.size else "normal"
+            raise ValueError(f"masks contain only {only} samples; the metric needs both normal "
+                             "and defective ones")
+        return chosen
+
+    def auroc(self, groups: Sequence[Any] | None = None) -> float:
+        """Pixel AUROC of the chosen groups (all by default): the Mann-Whitney statistic with
+        ties counting one half, which equals sklearn's trapezoidal ROC area."""
+        chosen = self._both_classes(groups)
+        neg, pos = chosen.neg, chosen.pos
+        below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
+        below_or_tied = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64)
+        return float((below + below_or_tied) / (2.0 * neg.size * pos.size))
+
+    def _counts(self, chosen: _SortedPixels
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Distinct scores (descending) and, at each as a threshold, the normal pixels, the
+        defective pixels and the PRO weight at or above it: one pass over the merged scores."""
+        merged, is_pos = _merge(chosen.neg, chosen.pos)
+        first = np.empty(merged.size, dtype=bool)
+        first[:1] = True
+        np.not_equal(merged[1:], merged[:-1], out=first[1:])
+        index = np.flatnonzero(first)[::-1]
+        counter = np.int32 if merged.size < 2**31 else np.int64
+        pos_below = (np.cumsum(is_pos, dtype=counter) - is_pos)[index]  # strictly below
+        cum_weights = np.concatenate(([0.0], np.cumsum(chosen.weights)))
+        return (merged[index], chosen.neg.size - (index - pos_below),
+                chosen.pos.size - pos_below, cum_weights[-1] - cum_weights[pos_below])
+
+    def pro_curve(self, groups: Sequence[Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact PRO-vs-FPR curve (see ``pro_curve``) of the chosen groups."""
+        chosen = self._select(groups)
+        if chosen.n_regions == 0:
+            raise ValueError("masks contain no anomalous region; PRO is undefined")
+        if chosen.neg.size == 0:
+            raise ValueError("masks contain no normal pixel; the false-positive rate is "
+                             "undefined")
+        _, neg_counts, _, weights = self._counts(chosen)
+        fpr = neg_counts / chosen.neg.size
+        pro = weights / chosen.n_regions
+        return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
+
+    def au_pro(self, groups: Sequence[Any] | None = None, fpr_limit: float = 0.3) -> float:
+        """Standard AU-PRO (see ``au_pro``) of the chosen groups."""
+        if not 0.0 < fpr_limit <= 1.0:
+            raise ValueError(f"fpr_limit must be in (0, 1]; got {fpr_limit}")
+        fpr, pro = self.pro_curve(groups)
+        end = int(np.searchsorted(fpr, fpr_limit, side="right"))  # fpr[:end] <= fpr_limit
+        x, y = fpr[:end], pro[:end]
+        if x[-1] < fpr_limit:  # then fpr[end] > fpr_limit exists, since the curve ends at 1
+            x0, x1, y0, y1 = fpr[end - 1], fpr[end], pro[end - 1], pro[end]
+            y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+            x, y = np.append(x, fpr_limit), np.append(y, y_limit)
+        return float(np.clip(trapezoid(y, x) / fpr_limit, 0.0, 1.0))
+
+    def roc_curve(self, groups: Sequence[Any] | None = None, max_points: int = 1000
+                  ) -> dict[str, list[float]]:
+        """Pixel ROC curve (see ``pixel_roc_curve``) of the chosen groups."""
+        if max_points < 2:
+            raise ValueError(f"max_points must be >= 2; got {max_points}")
+        chosen = self._both_classes(groups)
+        thresholds, neg_counts, pos_counts, _ = self._counts(chosen)
+        fpr = np.concatenate(([0.0], neg_counts / chosen.neg.size))
+        tpr = np.concatenate(([0.0], pos_counts / chosen.pos.size))
+        top = _above_threshold_max(np.concatenate((chosen.neg[-1:], chosen.pos[-1:])))
+        thresholds = np.concatenate(([top], thresholds.astype(np.float64)))
+        if fpr.size > max_points:
+            length = np.concatenate(([0.0], np.cumsum(np.hypot(np.diff(fpr), np.diff(tpr)))))
+            targets = np.linspace(0.0, length[-1], max_points)[:-1]
+            keep = np.unique(np.append(np.searchsorted(length, targets), fpr.size - 1))
+            fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
+        return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
 
 
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
@@ -108,10 +249,7 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     trapezoidal ROC area; two sorts and a binary search are about 10x faster than
     roc_auc_score on millions of pixels.
     """
-    neg, pos = _sorted_pixel_scores(masks, maps)
-    below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
-    below_or_tied = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64)
-    return float((below + below_or_tied) / (2.0 * neg.size * pos.size))
+    return PixelScores(masks, maps).auroc()
 
 
 def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -122,29 +260,7 @@ def pro_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray
     sums over pixels sorted by score. Returns (fpr, pro), both non-decreasing, starting at (0, 0)
     (threshold above every score) and ending at (1, 1) (lowest score).
     """
-    m, a = _masks_and_maps(masks, maps)
-    regions, n_regions = ndimage.label(m, structure=_EIGHT_CONNECTED_PER_IMAGE)
-    if n_regions == 0:
-        raise ValueError("masks contain no anomalous region; PRO is undefined")
-    region_of = regions.ravel()
-    s = a.ravel()
-    normal = region_of == 0
-    n_normal = int(np.count_nonzero(normal))
-    if n_normal == 0:
-        raise ValueError("masks contain no normal pixel; the false-positive rate is undefined")
-
-    neg = np.sort(s[normal])
-    pos_scores = s[~normal]
-    order = np.argsort(pos_scores)
-    pos = pos_scores[order]
-    region_sizes = np.bincount(region_of)
-    weights = 1.0 / region_sizes[region_of[~normal][order]]
-    cum_weights = np.concatenate(([0.0], np.cumsum(weights)))
-
-    thresholds = _distinct_descending(neg, pos)
-    fpr = (n_normal - np.searchsorted(neg, thresholds, side="left")) / n_normal
-    pro = (cum_weights[-1] - cum_weights[np.searchsorted(pos, thresholds, side="left")]) / n_regions
-    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
+    return PixelScores(masks, maps).pro_curve()
 
 
 def au_pro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
@@ -155,14 +271,7 @@ def au_pro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1]; got {fpr_limit}")
-    fpr, pro = pro_curve(masks, maps)
-    end = int(np.searchsorted(fpr, fpr_limit, side="right"))  # fpr[:end] <= fpr_limit
-    x, y = fpr[:end], pro[:end]
-    if x[-1] < fpr_limit:  # then fpr[end] > fpr_limit exists, since the curve ends at FPR 1
-        x0, x1, y0, y1 = fpr[end - 1], fpr[end], pro[end - 1], pro[end]
-        y_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
-        x, y = np.append(x, fpr_limit), np.append(y, y_limit)
-    return float(np.clip(trapezoid(y, x) / fpr_limit, 0.0, 1.0))
+    return PixelScores(masks, maps).au_pro(fpr_limit=fpr_limit)
 
 
 def _legacy_image_pro(mask: np.ndarray, amap: np.ndarray, num_thresholds: int) -> float:
@@ -241,21 +350,7 @@ def pixel_roc_curve(
     """
     if max_points < 2:
         raise ValueError(f"max_points must be >= 2; got {max_points}")
-    neg, pos = _sorted_pixel_scores(masks, maps)
-    thresholds = _distinct_descending(neg, pos)
-    fpr = (neg.size - np.searchsorted(neg, thresholds, side="left")) / neg.size
-    tpr = (pos.size - np.searchsorted(pos, thresholds, side="left")) / pos.size
-    fpr = np.concatenate(([0.0], fpr))
-    tpr = np.concatenate(([0.0], tpr))
-    top = _above_threshold_max(np.concatenate((neg[-1:], pos[-1:])))
-    thresholds = np.concatenate(([top], thresholds.astype(np.float64)))
-
-    if fpr.size > max_points:
-        length = np.concatenate(([0.0], np.cumsum(np.hypot(np.diff(fpr), np.diff(tpr)))))
-        targets = np.linspace(0.0, length[-1], max_points)[:-1]
-        keep = np.unique(np.append(np.searchsorted(length, targets), fpr.size - 1))
-        fpr, tpr, thresholds = fpr[keep], tpr[keep], thresholds[keep]
-    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist()}
+    return PixelScores(masks, maps).roc_curve(max_points=max_points)
 
 
 def f1_optimal_threshold(labels: ArrayLike, scores: ArrayLike) -> dict[str, float]:

@@ -51,6 +51,13 @@ class ReverseDistillation(nn.Module):
         """The trainable part only: the teacher is rebuilt from its own weights."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the student, and the teacher too once adapted (rd.adapt),
+        since an adapted teacher cannot be rebuilt from its ImageNet weights."""
+        if self.teacher.adapted == "none":
+            return self.student_state_dict()
+        return {k: v for k, v in self.state_dict().items()}
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, fusion: str = "sum",
                 amp: torch.dtype | None = None) -> Prediction:
@@ -72,9 +79,18 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` (or None) picks CUDA when present, else the CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    choices = "auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}: use --device {choices}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported: use --device {choices}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA was requested but no GPU is available: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{device} does not exist: this machine has "
+                         f"{torch.cuda.device_count()} GPU(s) (cuda:0..)")
     return device
 
 

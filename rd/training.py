@@ -24,18 +24,32 @@ summation order: equal in expectation, not bit for bit. A last global batch smal
 skipped. Each process caches the teacher's features of the whole training set for itself (the
 cache is read in a different order every epoch). Rank 0 alone writes the log, the resume state
 and the checkpoints; the logged loss is the mean over all processes' images.
+
+A final batch of one image at 32 px: the one-class embedding is then 1x1, and batch norm cannot
+normalise a single value per channel. At that size (only) a last batch that would give a process
+a single image is merged into the batch before it (e.g. 17 images at batch 16: one step of 17).
+Every other size keeps the paper's batches unchanged.
+
+Safety: one run at a time writes an output (``output_lock``: a second run with the same ``out``
+is refused); non-finite settings are refused before any work; a loss that turns NaN or infinite
+stops training with ``TrainingError``, leaving the last checkpoint and resume state written
+before it untouched; sizes whose training clearly cannot fit in memory are refused up front.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +61,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from rd.adapt import ADAPT_MODES, adapt_teacher
+from rd.augment import augmentation, parse_augment
 from rd.backbones import DEFAULT_BACKBONE, get_backbone
 from rd.checkpoints import (
     CheckpointError,
-    atomic_write,
     load_checkpoint,
     load_student,
     save_checkpoint,
 )
 from rd.data import ImageDataset, Preprocess, Sample
+from rd.errors import RDError
+from rd.files import atomic_write, die_with_parent
+from rd.geometry import Geometry, masked_distillation_loss, training_dataset
 from rd.losses import reverse_distillation_loss
 from rd.model import ReverseDistillation, build_model, resolve_device
 
@@ -64,11 +82,22 @@ CACHE_MODES = ("auto", "on", "off")
 AUTO_CACHE_BYTES = 4 << 30
 # Exit code of a training stopped on request (EX_TEMPFAIL: try again later, i.e. --resume).
 STOPPED_EXIT = 75
+# TrainConfig fields beyond the paper's recipe (recorded in the recipe only when set)
+BEYOND_PAPER_OPTIONS = ("resize", "tile_scale", "teacher_adapt", "augment")
+# --preset NAME: named settings of those options; "robust" is what won the study of
+# docs/results.md ("Beyond the paper"), empty while nothing has won
+PRESETS: dict[str, dict[str, Any]] = {"robust": {}}
+# Largest --image-size accepted (16x the paper's 256 px); larger inputs need tiling.
+MAX_IMAGE_SIZE = 4096
+# A lower bound of a training step's memory, in multiples of the teacher's three feature maps of
+# the batch (features, their rebuilt copies, the cosine maps, gradients): used only to refuse
+# sizes that cannot fit, so it errs low.
+STEP_MEMORY_FACTOR = 4
 
 _STOP = threading.Event()
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RDError, RuntimeError):
     """Training cannot start or continue; the message says what to change."""
 
 
@@ -109,16 +138,6 @@ def current_world() -> World:
                  int(env.get("LOCAL_RANK", 0)))
 
 
-def die_with_parent() -> None:
-    """Linux: be killed when the parent process dies, so that killing a job's launcher (torchrun,
-    or the job process above it) never leaves orphans training on. A no-op elsewhere."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
 @dataclass
 class TrainConfig:
     """Options of one run; the defaults are the paper's recipe."""
@@ -139,31 +158,99 @@ class TrainConfig:
     init: str | None = None
     # False feeds pixels in [0, 1] without the teacher's mean/std (the paper's MNIST handling)
     normalize: bool = True
+    # Beyond the paper (issue 11; defaults = the paper): rd.geometry, rd.adapt, rd.augment
+    resize: str = "squash"
+    tile_scale: float = 1.0
+    teacher_adapt: str = "none"
+    augment: str = "none"
 
     def validate(self) -> None:
-        get_backbone(self.backbone)
+        """Refuse settings that cannot train (before any work), with the flag to change."""
+        try:
+            get_backbone(self.backbone)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+        integers = {"image_size": self.image_size, "epochs": self.epochs,
+                    "batch_size": self.batch_size, "seed": self.seed,
+                    "checkpoint_every": self.checkpoint_every, "workers": self.workers}
+        for name, value in integers.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TrainingError(f"--{name.replace('_', '-')} must be a whole number, got "
+                                    f"{value!r}")
+        numbers = {"--lr": self.lr, "--betas": self.betas}
+        for flag, value in numbers.items():
+            values = value if isinstance(value, tuple | list) else (value,)
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in values):
+                raise TrainingError(f"{flag} must be finite numbers, got {value!r}")
         checks = [
-            (self.image_size >= 32 and self.image_size % 32 == 0,
-             f"image size must be a multiple of 32 and at least 32, got {self.image_size}"),
-            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), got {self.betas}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.image_size > 32 or self.batch_size >= 2,
+             "--image-size 32 needs --batch-size 2 or more (batch norm of a 1x1 embedding "
+             "needs two images)"),
+            (self.lr > 0, f"--lr (learning rate) must be positive, got {self.lr}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"--betas must be two numbers in [0, 1), got {self.betas}"),
             (self.cache_teacher in CACHE_MODES,
-             f"cache_teacher must be one of {CACHE_MODES}, got {self.cache_teacher!r}"),
-            (self.checkpoint_every >= 1, "checkpoint_every must be at least 1"),
-            (self.workers >= 0, "workers must be >= 0"),
+             f"--cache-teacher must be one of {CACHE_MODES}, got {self.cache_teacher!r}"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+            (self.workers >= 0, "--workers must be 0 or more"),
         ]
+        check_image_size(self.image_size)
         for ok, message in checks:
             if not ok:
                 raise TrainingError(message)
+        try:
+            resolve_device(self.device)
+            Geometry(self.resize, self.tile_scale)
+            parse_augment(self.augment)
+        except ValueError as error:
+            raise TrainingError(str(error)) from None
+        if self.teacher_adapt not in ADAPT_MODES:
+            raise TrainingError(f"--teacher-adapt must be one of {ADAPT_MODES}, got "
+                                f"{self.teacher_adapt!r}")
 
     def recipe(self) -> dict[str, Any]:
         """The settings that determine the result (recorded in checkpoints, checked on resume)."""
         keys = ("backbone", "image_size", "epochs", "batch_size", "lr", "betas", "seed", "amp",
                 "init", "normalize")
         values = asdict(self)
-        return {k: list(values[k]) if k == "betas" else values[k] for k in keys}
+        recipe = {k: list(values[k]) if k == "betas" else values[k] for k in keys}
+        # the options beyond the paper appear only when set, so the paper's recipe reads as before
+        recipe.update({k: values[k] for k in BEYOND_PAPER_OPTIONS
+                       if values[k] != getattr(TrainConfig, k)})
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option as JSON-ready values (what a job's spec stores)."""
+        return {**asdict(self), "betas": list(self.betas)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config ``to_dict`` wrote, validated; unknown or ill-typed options are refused."""
+        if not isinstance(values, dict):
+            raise TrainingError(f"a training configuration is a JSON object, got {values!r}")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TrainingError(f"unknown training option {unknown[0]!r}")
+        betas = values.get("betas", cls.betas)
+        if not isinstance(betas, list | tuple):
+            raise TrainingError(f"--betas must be two numbers, got {betas!r}")
+        config = cls(**{**values, "betas": tuple(betas)})
+        for name in ("backbone", "device", "cache_teacher"):
+            if not isinstance(getattr(config, name), str):
+                raise TrainingError(f"{name} must be a string, got {getattr(config, name)!r}")
+        for name in ("amp", "normalize"):
+            if not isinstance(getattr(config, name), bool):
+                raise TrainingError(f"{name} must be true or false, got "
+                                    f"{getattr(config, name)!r}")
+        for name in ("teacher_weights", "init"):
+            if not isinstance(getattr(config, name), str | None):
+                raise TrainingError(f"{name} must be a path or null, got "
+                                    f"{getattr(config, name)!r}")
+        config.validate()
+        return config
 
 
 @dataclass
@@ -186,6 +273,17 @@ class _Position:
     images: int = 0
 
 
+def check_image_size(size: object) -> None:
+    """Refuse an input size the model cannot take: a multiple of 32 from 32 to MAX_IMAGE_SIZE
+    (the student's stride-32 embedding must tile the image exactly)."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TrainingError(f"--image-size must be a whole number, got {size!r}")
+    if size < 32 or size % 32:
+        raise TrainingError(f"--image-size must be a multiple of 32 and at least 32, got {size}")
+    if size > MAX_IMAGE_SIZE:
+        raise TrainingError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {size}")
+
+
 def resume_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name.removesuffix(".safetensors") + ".resume.safetensors")
@@ -194,6 +292,64 @@ def resume_path(out: str | Path) -> Path:
 def log_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name.removesuffix(".safetensors") + ".log.jsonl")
+
+
+def lock_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".lock")
+
+
+_HELD_LOCKS: dict[Path, int] = {}  # lock file -> how many nested output_lock()s hold it here
+
+
+@contextmanager
+def output_lock(out: str | Path) -> Iterator[None]:
+    """Hold ``<out>.lock`` (``fcntl.flock``) while writing ``out`` and its siblings.
+
+    A second run with the same ``out`` -- another process, or the app's job for the same model
+    slot -- is refused at once with ``TrainingError`` instead of interleaving its log and
+    checkpoints. Re-entrant within a process (the pipeline holds it around ``train``). The lock
+    goes with the process: a killed run never leaves a stale lock behind.
+    """
+    path = Path(os.path.abspath(lock_path(out)))
+    if path in _HELD_LOCKS:
+        _HELD_LOCKS[path] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = _acquire(path, out)
+    _HELD_LOCKS[path] = 1
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[path]
+        path.unlink(missing_ok=True)  # still held: no other run can be between open and lock
+        os.close(handle)
+
+
+def _acquire(path: Path, out: str | Path) -> int:
+    """Open and lock ``path``; refuse if another process holds it."""
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(handle)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise TrainingError(f"another training run is writing {out} (it holds {path}): "
+                                "wait for it to finish, or choose another --out") from None
+        try:
+            same = os.fstat(handle).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.write(handle, f"{os.getpid()}\n".encode())
+            return handle
+        os.close(handle)  # the holder removed the file as we opened it: lock the new one
 
 
 def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
@@ -220,7 +376,12 @@ def train(samples: Sequence[Sample], config: TrainConfig, out: str | Path,
     if place.size > max(1, min(config.batch_size, len(samples))):
         raise TrainingError(f"{place.size} processes need a batch size and a training set of at "
                             f"least {place.size} images (one per process and step)")
+    if config.image_size == 32 and min(len(samples), config.batch_size) < 2 * place.size:
+        raise TrainingError("--image-size 32 needs a batch size and a training set of at least "
+                            f"{2 * place.size} images (two per process: batch norm of a 1x1 "
+                            "embedding)")
     device = resolve_device(config.device)
+    check_memory(config, device)
     if config.amp and device.type != "cuda":
         raise TrainingError("--amp needs a CUDA device; leave it off on the CPU")
     if place.size > 1 and device.type == "cuda":
@@ -232,12 +393,72 @@ def train(samples: Sequence[Sample], config: TrainConfig, out: str | Path,
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     restore = _stop_on_sigterm()
     try:
-        return _fit(samples, config, out, metadata, resume, progress, on_epoch, device, place)
+        if not place.main:
+            return _fit(samples, config, out, metadata, resume, progress, on_epoch, device,
+                        place)
+        with output_lock(out):
+            return _fit(samples, config, out, metadata, resume, progress, on_epoch, device,
+                        place)
     finally:
         restore()
         _STOP.clear()
         if joined:
             dist.destroy_process_group()
+
+
+def step_memory_bytes(config: TrainConfig) -> int:
+    """A lower bound of one training step's memory at ``config``'s size and batch."""
+    size = config.image_size
+    features = sum(c * (size // s) ** 2 for c, s in zip(get_backbone(config.backbone).channels,
+                                                        (4, 8, 16), strict=True))
+    return features * 4 * config.batch_size * STEP_MEMORY_FACTOR
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can still give (MemAvailable on Linux); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _largest_fitting_size(config: TrainConfig, available: int) -> int | None:
+    size = config.image_size - 32
+    while size >= 32 and step_memory_bytes(replace(config, image_size=size)) > available:
+        size -= 32
+    return size if size >= 32 else None
+
+
+def check_memory(config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before any work, a CPU run whose step cannot fit in the memory left."""
+    if device.type != "cpu":
+        return
+    available = available_memory_bytes()
+    need = step_memory_bytes(config)
+    if available is None or need <= available:
+        return
+    fits = _largest_fitting_size(config, available)
+    advice = (f"use --image-size {fits} or less" if fits else "use a smaller --image-size") + (
+        f" or a smaller --batch-size than {config.batch_size}" if config.batch_size > 1 else "")
+    raise TrainingError(f"training at {config.image_size} px with batch {config.batch_size} "
+                        f"needs at least {_gib(need)} of memory, {_gib(available)} are free: "
+                        f"{advice}")
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2 ** 30:.1f} GiB"
+
+
+def _out_of_memory(config: TrainConfig, device: torch.device) -> TrainingError:
+    where = "GPU memory" if device.type == "cuda" else "memory"
+    smaller = max(1, config.batch_size // 2)
+    return TrainingError(f"out of {where} at {config.image_size} px, batch size "
+                         f"{config.batch_size} (a step needs at least "
+                         f"{_gib(step_memory_bytes(config))}): try --batch-size {smaller} or a "
+                         "smaller --image-size")
 
 
 def _stop_on_sigterm() -> Callable[[], None]:
@@ -255,7 +476,8 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
     spec = get_backbone(config.backbone)
     preprocess = (Preprocess(config.image_size, spec.mean, spec.std) if config.normalize
                   else Preprocess(config.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
-    dataset = ImageDataset(samples, preprocess)
+    geometry = Geometry(config.resize, config.tile_scale)
+    dataset = training_dataset(samples, preprocess, geometry)
     dataset.check()
 
     torch.manual_seed(config.seed)
@@ -263,6 +485,15 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
     if config.init:
         _init_from(model, config)
     model.to(device)
+    beyond = {} if geometry.is_paper else {"geometry": geometry.to_dict()}
+    if config.teacher_adapt != "none":  # before the student sees any teacher feature
+        beyond["teacher_adapt"] = adapt_teacher(model.teacher, dataset, config.teacher_adapt,
+                                                config.seed, config.batch_size, device)
+    if config.augment != "none":
+        transforms, beyond["augment"] = augmentation(
+            model.teacher, samples, preprocess, geometry, config.augment, device,
+            log=(lambda line: print(line, file=sys.stderr)) if place.main else None)
+        dataset = training_dataset(samples, preprocess, geometry, transforms)
     optimizer = torch.optim.Adam(
         [*model.bottleneck.parameters(), *model.decoder.parameters()],
         lr=config.lr, betas=config.betas)
@@ -286,9 +517,11 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         "fusion": "sum",
         "recipe": config.recipe(),
         "train_images": len(samples),
+        **beyond,
         **(metadata or {}),
     }
     result = TrainResult(model, position.epoch, rank=place.rank)
+    saved_epoch = position.epoch if resume else None
     started = time.perf_counter()
     epochs = range(position.epoch + 1, config.epochs + 1)
     bar = tqdm(epochs, desc="train", unit="epoch", disable=not (progress and place.main),
@@ -304,6 +537,12 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         epoch_start = time.perf_counter()
         run = _run_epoch(student, model, optimizer, dataset, cache, config, epoch, device, place,
                          position)
+        if run.bad_loss is not None:
+            kept = (f"the checkpoint and resume state of epoch {saved_epoch} are kept"
+                    if saved_epoch else "no checkpoint of this run was written")
+            raise TrainingError(f"the loss became {run.bad_loss} at epoch {epoch}, step "
+                                f"{run.step + 1}: training stopped and {kept}; lower --lr "
+                                f"(now {config.lr:g}) and train again")
         loss_sum, images, trained = _sum_over_processes(
             place, device, run.loss_sum, run.images, run.trained)
         if run.stopped:
@@ -330,6 +569,7 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
             _save_resume_state(model, optimizer, config, position, out)
             save_checkpoint(model, out, {**base_metadata, "epochs_trained": epoch})
+            saved_epoch = epoch
     result.seconds = time.perf_counter() - started
     return result
 
@@ -369,12 +609,22 @@ def _teacher_cache(model: ReverseDistillation, dataset: ImageDataset, config: Tr
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
                         num_workers=config.workers)
     parts: list[list[torch.Tensor]] = [[], [], []]
+    valid = []  # the valid-pixel masks of letterbox / tile inputs (rd.geometry), cached with them
     for batch in loader:
         with _autocast(config, device):
             features = model.teacher(batch["image"].to(device))
         for part, feature in zip(parts, features, strict=True):
             part.append(feature)
-    return [torch.cat(part) for part in parts]
+        if "valid" in batch:
+            valid.append(batch["valid"].to(device))
+    return [torch.cat(part) for part in [*parts, *([valid] if valid else [])]]
+
+
+def _cached_batch(cache: list[torch.Tensor], local: list[int]
+                  ) -> tuple[None, list[torch.Tensor], torch.Tensor | None]:
+    """(no teacher, the cached features, their valid masks or None) of the images ``local``."""
+    index = torch.tensor(local, device=cache[0].device)
+    return None, [f[index] for f in cache[:3]], cache[3][index] if len(cache) > 3 else None
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -390,11 +640,19 @@ class _EpochRun:
     images: int
     trained: int = 0  # images trained on in this call (a resumed epoch skips the first steps)
     stopped: bool = False
+    bad_loss: float | None = None  # a NaN or infinite loss ended the epoch
 
 
-def _steps(order: list[int], batch_size: int, place: World) -> list[tuple[list[int], int]]:
-    """This process's images of each global batch, with the global batch's size."""
+def _steps(order: list[int], batch_size: int, place: World, image_size: int = 256
+           ) -> list[tuple[list[int], int]]:
+    """This process's images of each global batch, with the global batch's size.
+
+    At 32 px a last batch that would leave a process one image is merged into the one before
+    (batch norm cannot normalise a 1x1 embedding of one image; see the module's notes).
+    """
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if (image_size == 32 and len(batches) > 1 and len(batches[-1]) < 2 * place.size):
+        batches[-2:] = [batches[-2] + batches[-1]]
     return [(batch[place.rank::place.size], len(batch)) for batch in batches
             if len(batch) >= place.size]
 
@@ -406,47 +664,59 @@ def _run_epoch(student: Callable[[list[torch.Tensor]], list[torch.Tensor]],
                ) -> _EpochRun:
     """Train one epoch from ``position`` (its steps and loss sums, when resuming into it)."""
     model.train()
-    steps = _steps(epoch_order(config.seed, epoch, len(dataset)), config.batch_size, place)
+    steps = _steps(epoch_order(config.seed, epoch, len(dataset)), config.batch_size, place,
+                   config.image_size)
     todo = steps[position.step:]
     if cache is None:
         loader = DataLoader(dataset, batch_sampler=[local for local, _ in todo],
                             num_workers=config.workers, pin_memory=device.type == "cuda")
-        batches = ((model.teacher, batch["image"].to(device, non_blocking=True))
+        batches = ((model.teacher, batch["image"].to(device, non_blocking=True),
+                    batch["valid"].to(device) if "valid" in batch else None)
                    for batch in loader)
     else:
-        batches = ((None, [f[torch.tensor(local, device=f.device)] for f in cache])
-                   for local, _ in todo)
+        batches = (_cached_batch(cache, local) for local, _ in todo)
     run = _EpochRun(position.step, position.loss_sum, position.images)
-    for (teacher, inputs), (local, global_size) in zip(batches, todo, strict=True):
+    for (teacher, inputs, valid), (local, global_size) in zip(batches, todo, strict=True):
         try:
             with _autocast(config, device):
                 features = teacher(inputs) if teacher is not None else inputs
-                loss = reverse_distillation_loss(features, student(features))
+                rebuilt = student(features)
+                loss = (reverse_distillation_loss(features, rebuilt) if valid is None
+                        else masked_distillation_loss(features, rebuilt, valid))
             optimizer.zero_grad(set_to_none=True)
             # DDP averages gradients over processes; weighting by the share of the global batch
             # makes that average the global batch's mean gradient (a factor of 1 in one process).
             (loss * (place.size * len(local) / global_size)).backward()
             optimizer.step()
         except torch.OutOfMemoryError:
-            raise TrainingError(f"out of GPU memory at batch size {config.batch_size}: try "
-                                f"--batch-size {max(1, config.batch_size // 2)}") from None
-        run.loss_sum += loss.item() * len(local)
+            raise _out_of_memory(config, device) from None
+        except RuntimeError as error:
+            if "can't allocate memory" not in str(error):
+                raise
+            raise _out_of_memory(config, device) from None
+        value = loss.item()
+        stop, bad = _agree(place, device, _STOP.is_set(), not math.isfinite(value))
+        if bad:  # every process stops here together
+            run.bad_loss = value if not math.isfinite(value) else float("nan")
+            break
+        run.loss_sum += value * len(local)
         run.images += len(local)
         run.trained += len(local)
         run.step += 1
-        if _stop_requested(place, device):
+        if stop:
             run.stopped = True
             break
     return run
 
 
-def _stop_requested(place: World, device: torch.device) -> bool:
-    """Whether to stop now; under DDP all processes agree (any request stops all at once)."""
+def _agree(place: World, device: torch.device, *flags: bool) -> list[bool]:
+    """Each flag set in any process (a stop request, a non-finite loss): under DDP all
+    processes agree, so all stop at the same step."""
     if place.size == 1:
-        return _STOP.is_set()
-    flag = torch.tensor([float(_STOP.is_set())], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+        return list(flags)
+    total = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in total.tolist()]
 
 
 def _sum_over_processes(place: World, device: torch.device, *values: float) -> list[float]:
@@ -484,8 +754,14 @@ def _load_resume_state(model: ReverseDistillation, optimizer: torch.optim.Optimi
         position = _Position(int(meta["epoch"]), int(meta.get("step", 0)),
                              float(meta.get("loss_sum", 0.0)), int(meta.get("images", 0)))
         recipe = json.loads(meta["recipe"])
+    except KeyError as error:
+        raise TrainingError(f"cannot resume from {path}: it lacks the {error} field of a resume "
+                            "state (not written by rd train, or damaged); start again without "
+                            "--resume") from None
     except Exception as error:
-        raise TrainingError(f"cannot resume from {path}: {error}") from None
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingError(f"cannot resume from {path}: {first}; start again without "
+                            "--resume") from None
     ours = config.recipe()
     changed = {k: (recipe.get(k), v) for k, v in ours.items()
                if k != "epochs" and recipe.get(k) != v}

@@ -12,13 +12,17 @@ import streamlit as st
 
 from app import state
 from app.views.curves import (
+    SMALL_CLASS,
+    auroc_label,
     confusion_at,
     novelty_summary,
     operating_point,
     roc_figure,
     score_histogram,
+    small_classes,
 )
-from rd.manifest import ManifestError, all_models
+from rd.data import DataError, list_categories
+from rd.manifest import ManifestError, ModelEntry, all_models
 
 SUGGESTIONS = {"f1": "F1-optimal", "fpr_0.01": "FPR ≤ 1%", "fpr_0.05": "FPR ≤ 5%",
                "fpr_0.1": "FPR ≤ 10%"}
@@ -140,18 +144,79 @@ def _curves(report: dict[str, Any], threshold: float, counts: dict[str, float]) 
 
     st.markdown("**Per defect type**: each defect's images against all the normal images; the "
                 "markers sit at the current threshold (same FPR, each defect's own TPR)")
-    per_defect = {name: entry["image_roc"] for name, entry in report["per_defect"].items()}
-    points = {}
-    for name in per_defect:
+    per_defect, points = {}, {}
+    for name, entry in report["per_defect"].items():
+        label = auroc_label(name, entry["image_auroc"])
+        per_defect[label] = entry["image_roc"]
         labels, scores = _labels_scores(report, name)
         counts_d = confusion_at(labels, scores, threshold)
-        points[name] = {"fpr": counts_d["fpr"], "tpr": counts_d["tpr"], "threshold": threshold}
+        points[label] = {"fpr": counts_d["fpr"], "tpr": counts_d["tpr"], "threshold": threshold}
+    _warn_small({"normal": report["n_normal"]}
+                | {name: entry["n"] for name, entry in report["per_defect"].items()})
     left, right = st.columns(2)
     left.plotly_chart(roc_figure(per_defect, curve_points=points), key="roc_per_defect")
     right.dataframe(_metrics_table(report, threshold), hide_index=True)
     right.caption(f"AUROC and AU-PRO in %; AU-PRO integrates up to FPR 30%. Pixel metrics show "
                   f"{NO_VALUE} where masks are missing. 'caught': defective images flagged at "
                   "the current threshold.")
+
+
+def _warn_small(counts: dict[str, int]) -> None:
+    """A warning naming the classes too small for their AUROC to be compared."""
+    small = small_classes(counts)
+    if small:
+        st.warning(f"Fewer than {SMALL_CLASS} images in: " + ", ".join(
+            f"{name} ({counts[name]})" for name in small) + ". One image more or less moves "
+            "their AUROC by a large step: do not compare them closely.")
+
+
+def _category_models(chosen: state.Selection) -> dict[str, ModelEntry]:
+    """One model per category of the chosen data: the selected one for this category, else
+    the selected backbone's, else any."""
+    try:
+        categories = list_categories(chosen.source.root)
+        entries = [e for e in all_models() if e.dataset == chosen.source.name]
+    except (DataError, ManifestError) as error:
+        st.warning(f"Cannot list the categories' models: {error}")
+        return {}
+    models: dict[str, ModelEntry] = {}
+    for category in categories:
+        own = [e for e in entries if e.category == category]
+        if category == chosen.category and chosen.entry is not None:
+            models[category] = chosen.entry
+        elif own:
+            models[category] = next((e for e in own if e.backbone == chosen.backbone), own[0])
+    return models
+
+
+def _across_categories(chosen: state.Selection) -> None:
+    """Per-class ROC curves: every category of the chosen data that has a model, on one
+    figure, each legend entry with its AUROC."""
+    models = _category_models(chosen)
+    curves, counts, rows = {}, {}, []
+    for category, entry in models.items():
+        report = state.report_for(dataclasses.replace(chosen, category=category,
+                                                      backbone=entry.backbone, entry=entry))
+        if report is None:
+            continue
+        name = f"{category} ({entry.backbone})"
+        curves[auroc_label(name, report["image_auroc"])] = report["image_roc"]
+        counts[category] = report["n_images"]
+        rows.append({"category": category, "backbone": entry.backbone,
+                     "test images": report["n_images"],
+                     "image AUROC %": _pct(report["image_auroc"]),
+                     "pixel AUROC %": _pct(report["pixel_auroc"])})
+    if len(curves) < 2:
+        st.caption(f"Only {chosen.category} of {chosen.source.name} has a model: train one on "
+                   "another category to compare them here.")
+        return
+    _warn_small(counts)
+    left, right = st.columns(2)
+    left.plotly_chart(roc_figure(curves, title=f"Image ROC per category of "
+                                               f"{chosen.source.name}"), key="roc_categories")
+    right.dataframe(pd.DataFrame(rows), hide_index=True)
+    right.caption("Each category with its own model and test set; thresholds are in each "
+                  "model's own score units, so only the curves compare.")
 
 
 def _compare(chosen: state.Selection) -> None:
@@ -226,6 +291,9 @@ def main() -> None:
 
     st.subheader("ROC curves")
     _curves(report, threshold, counts)
+
+    st.subheader("Per-class ROC curves")
+    _across_categories(chosen)
 
     st.subheader("Backbones on this category")
     _compare(chosen)

@@ -1,42 +1,55 @@
-"""Inspect: browse or upload images; see the three per-layer maps and the fused heat map."""
+"""Inspect: browse or upload images; see the three per-layer maps and the fused heat map.
+
+Only what changed reruns: the grid and the detail are one fragment (opening an image reruns
+neither the sidebar nor the page head), and the detail is a fragment inside it (next/previous
+and the colour controls redraw the detail alone). Thumbnails are cached JPEG bytes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
 from app import state
-from app.views.images import (
-    COLOUR_MODES,
-    CONTOUR_PREDICTED,
-    CONTOUR_TRUTH,
-    ScaleContext,
-    blend,
-    colour_bar,
-    colour_range,
-    draw_contour,
-    heat_map,
-    to_rgb_array,
+from app.views.detail import (
+    DetailPictures,
+    Verdict,
+    detail_pictures,
+    download_name,
+    npy_bytes,
+    png_bytes,
+    show_maps,
+    show_verdict,
+    to_size,
 )
-from rd.data import DataError, read_image, read_image_bytes, read_mask
+from app.views.images import COLOUR_MODES, ScaleContext
+from rd.data import DataError, Sample, read_image, read_image_bytes, read_mask
 
-GRID_COLUMNS = 6
+GRID_COLUMNS = 3
+GRID_HEIGHT = 900  # px: the grid scrolls inside its own box, so it stays where it was
 PAGE_SIZE = 24
-LAYER_NAMES = ("layer 1 · stride 4", "layer 2 · stride 8", "layer 3 · stride 16")
+THUMBNAIL_SIZE = 160
+UPLOADS = "inspect_uploaded"  # the uploads of this session, kept across mode switches
+UPLOAD_PICKED = "inspect_upload_picked"
+ORDER = "inspect_order"  # the paths as the grid lists them: what next/previous walk through
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"]
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)
-def thumbnail(path: str, mtime: float, size: int = 160) -> np.ndarray:
+def thumbnail(path: str, mtime: float, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A small JPEG of an image file (cached on its path and modification time)."""
     del mtime
     image = read_image(path)
     image.thumbnail((size, size))
-    return np.asarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -50,165 +63,250 @@ def predict_upload(checkpoint: str, mtime: float, device: str, digest: str, data
             "score": float(detection.scores[0]), "name": name}
 
 
-def _open(item: tuple) -> None:
-    """Button callback: runs before the page, so the detail shows in the same rerun."""
-    st.session_state.inspect_item = item
+def defects_key(chosen: state.Selection) -> str:
+    """The defect filter's widget key: one per data source and category, so switching
+    category never carries one category's choice (or its missing types) into another."""
+    return f"inspect_defects::{chosen.source.name}::{chosen.category}"
 
 
-def _browse(chosen: state.Selection, report: dict | None) -> None:
-    samples = state.test_samples(chosen)
-    if not samples:
+def _open(path: str) -> None:
+    """Button callback: runs before the fragment, so the detail shows in the same rerun."""
+    st.session_state.inspect_item = path
+
+
+def _step(offset: int) -> None:
+    """Next/previous callback: move through the grid's order, wrapping at the ends."""
+    order = st.session_state.get(ORDER) or []
+    current = st.session_state.get("inspect_item")
+    if not order:
         return
-    scores = {item["path"]: item["score"] for item in (report or {}).get("images", [])}
+    index = order.index(current) if current in order else -1
+    st.session_state.inspect_item = order[(index + offset) % len(order)]
+
+
+def _filtered(chosen: state.Selection, samples: list[Sample], scores: dict[str, float]
+              ) -> list[Sample]:
     defects = sorted({s.defect for s in samples})
     left, right = st.columns([3, 1])
-    shown = left.multiselect("Defect types", defects, default=defects, key="inspect_defects")
+    shown = left.multiselect("Defect types", defects, default=defects, key=defects_key(chosen))
     order = right.selectbox("Sort by", ["name", "score ↓", "score ↑"], key="inspect_sort")
-    chosen_samples = [s for s in samples if s.defect in shown]
+    picked = [s for s in samples if s.defect in shown]
     if order != "name" and scores:
-        chosen_samples.sort(key=lambda s: scores.get(str(s.path), 0.0),
-                            reverse=order == "score ↓")
-    pages = max(1, -(-len(chosen_samples) // PAGE_SIZE))
+        picked.sort(key=lambda s: scores.get(str(s.path), 0.0), reverse=order == "score ↓")
+    return picked
+
+
+def _grid(samples: list[Sample], scores: dict[str, float], threshold: float | None) -> None:
+    """The thumbnails of one page of ``samples``, each with its Open button."""
+    pages = max(1, -(-len(samples) // PAGE_SIZE))
     page = st.number_input("Page", 1, pages, 1, key="inspect_page") if pages > 1 else 1
-    visible = chosen_samples[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
-    threshold = st.session_state.get(state.threshold_key(chosen))
-    for row in range(0, len(visible), GRID_COLUMNS):
-        columns = st.columns(GRID_COLUMNS)
-        for column, sample in zip(columns, visible[row: row + GRID_COLUMNS], strict=False):
-            score = scores.get(str(sample.path))
-            verdict = ""
-            if score is not None and threshold is not None:
-                verdict = " ⚠" if score >= threshold else " ✓"
-            caption = f"{sample.defect}/{sample.path.name}" + (
-                f" · {score:.3f}{verdict}" if score is not None else "")
-            try:
-                column.image(thumbnail(str(sample.path), sample.path.stat().st_mtime),
-                             caption=caption, width="stretch")
-            except DataError as error:
-                column.warning(str(error))
-                continue
-            column.button("Open image", key=f"open::{sample.path}", width="stretch",
-                          on_click=_open, args=(("path", str(sample.path)),))
+    visible = samples[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+    with st.container(height=GRID_HEIGHT, border=False):
+        for row in range(0, len(visible), GRID_COLUMNS):
+            columns = st.columns(GRID_COLUMNS)
+            for column, sample in zip(columns, visible[row: row + GRID_COLUMNS], strict=False):
+                score = scores.get(str(sample.path))
+                caption = f"{sample.defect}/{sample.path.name}"
+                if score is not None:
+                    caption += f" · {score:.3f}"
+                    if threshold is not None:
+                        caption += " ⚠" if Verdict(score, threshold).defective else " ✓"
+                try:
+                    column.image(thumbnail(str(sample.path), sample.path.stat().st_mtime),
+                                 caption=caption, width="stretch")
+                except (DataError, OSError) as error:
+                    column.warning(str(error))
+                    continue
+                column.button("Open image", key=f"open::{sample.path}", width="stretch",
+                              on_click=_open, args=(str(sample.path),))
 
 
-def _upload(chosen: state.Selection) -> None:
-    uploads = st.file_uploader("Images (PNG, JPEG, BMP, TIFF, WebP)", accept_multiple_files=True,
-                               type=["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"],
-                               max_upload_size=state.MAX_UPLOAD_MB, key="inspect_uploads")
-    rows = []
-    for upload in uploads or []:
-        try:
-            image = state.read_upload(upload)
-        except DataError as error:
-            st.error(f"Cannot read this upload: {error}")
-            continue
-        data = upload.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
-        rows.append((upload.name, digest, data, image.size))
-    if not rows:
-        if (st.session_state.get("inspect_item") or ("",))[0] == "upload":
-            st.session_state.inspect_item = None  # the upload was removed
-        return
-    names = [name for name, *_ in rows]
-    picked = st.radio("Uploaded", names, horizontal=True, key="inspect_upload_pick")
-    name, digest, data, _ = rows[names.index(picked)]
-    st.session_state.inspect_item = ("upload", name, digest, data)
+# ---------------------------------------------------------------------------- the detail
 
 
-def _maps_of_item(chosen: state.Selection, detector, item: tuple) -> tuple[dict, Image.Image,
-                                                                          np.ndarray | None]:
-    checkpoint = chosen.checkpoint
-    if item[0] == "path":
-        path = Path(item[1])
-        image = read_image(path)
-        maps = state.maps_for(chosen, detector, path)
-        sample = next((s for s in state.test_samples(chosen) if str(s.path) == item[1]), None)
-        mask = (read_mask(sample.mask_path, (detector.image_size,) * 2)
-                if sample is not None and sample.mask_path is not None else None)
-        return maps, image, mask
-    _, name, digest, data = item
-    maps = predict_upload(str(checkpoint), checkpoint.stat().st_mtime, chosen.device, digest,
-                          data, name)
-    return maps, read_image_bytes(data, name), None
-
-
-def _detail(chosen: state.Selection, detector, report: dict | None, item: tuple) -> None:
-    try:
-        maps, image, mask = _maps_of_item(chosen, detector, item)
-    except (DataError, OSError) as error:
-        st.error(f"Cannot show this image: {error}")
-        return
-    threshold = state.current_threshold(chosen, detector, report)
+def _context(detector, report: dict | None, score: float, threshold: float) -> ScaleContext:
     normal = detector.metadata.get("normal_scores") or (report or {}).get("normal_scores") or {}
-    category_max = max(item["score"] for item in report["images"]) if report else maps["score"]
-    context = ScaleContext(category_max, normal.get("p99"), threshold)
-    name = ("/".join(Path(item[1]).parts[-2:]) if item[0] == "path" else item[1])
-    size = detector.image_size
+    category_max = max(i["score"] for i in report["images"]) if report else score
+    return ScaleContext(category_max, normal.get("p99"), threshold)
 
-    score = maps["score"]
-    verdict = "defective" if score >= threshold else "normal"
-    top = st.columns([2, 1, 1, 2])
-    top[0].subheader(name)
-    top[1].metric("Score", f"{score:.4f}", f"{score - threshold:+.4f} vs threshold",
-                  delta_color="inverse")
-    top[2].metric("Verdict", verdict)
-    top[3].caption(f"Threshold {threshold:.4f} (set it on the Evaluate page). "
-                   "Score = maximum of the smoothed fused map.")
 
-    controls = st.columns([2, 1, 1])
+def _colour_controls() -> dict[str, Any]:
+    controls = st.columns([2, 1, 1, 1])
     mode = controls[0].radio("Colour scale", list(COLOUR_MODES), horizontal=True,
                              key="colour_mode")
     controls[0].caption(COLOUR_MODES[mode])
-    opacity = controls[1].slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
-    show_contours = controls[2].toggle("Contours", value=True, key="contours",
-                                       help="green: ground truth; magenta: map ≥ threshold")
+    return {
+        "mode": mode,
+        "opacity": controls[1].slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="opacity"),
+        "contours": controls[2].toggle("Contours", value=True, key="contours",
+                                       help="green: ground truth; magenta: map ≥ threshold"),
+        "model_size": controls[3].toggle("Model resolution", value=False,
+                                         key="inspect_model_size",
+                                         help="Show and download the maps at the model's "
+                                              "square input size instead of the image's own."),
+    }
 
-    base = to_rgb_array(image, size)
-    fused = maps["fused"]
-    heat = heat_map(fused, mode, context)
-    overlay = blend(base, heat, opacity)
-    if show_contours:
-        if mask is not None:
-            overlay = draw_contour(overlay, mask, CONTOUR_TRUTH, 2)
-        overlay = draw_contour(overlay, fused >= threshold, CONTOUR_PREDICTED, 2)
 
-    first = st.columns(3)
-    first[0].image(base, caption=f"input ({image.width}×{image.height}, shown at {size})",
-                   output_format="PNG", width="stretch")
-    if mask is not None:
-        first[1].image((mask * 255).astype(np.uint8), caption="ground truth",
-                       output_format="PNG", width="stretch")
-    else:
-        first[1].info("No ground-truth mask for this image.")
-    first[2].image(overlay, caption="overlay", output_format="PNG", width="stretch")
+def _downloads(names: dict[str, str], pictures: DetailPictures, maps: dict,
+               size: tuple[int, int]) -> None:
+    """Overlay and heat map as PNG, fused and layer maps as .npy (at ``size``), built only
+    when clicked."""
+    columns = st.columns(4)
+    columns[0].download_button("Overlay (PNG)", lambda: png_bytes(pictures.overlay),
+                               names["overlay"], "image/png", key="dl_overlay",
+                               on_click="ignore")
+    columns[1].download_button("Heat map (PNG)", lambda: png_bytes(pictures.heat),
+                               names["heat"], "image/png", key="dl_png", on_click="ignore")
+    columns[2].download_button("Fused map (.npy)", lambda: npy_bytes(to_size(maps["fused"], size)),
+                               names["npy"], key="dl_npy", on_click="ignore")
+    columns[3].download_button(
+        f"Layer maps (.npy, 3×{size[1]}×{size[0]})",
+        lambda: npy_bytes(np.stack([to_size(layer, size) for layer in maps["layer_maps"]])),
+        names["layers"], key="dl_layers", on_click="ignore")
 
-    st.markdown("**Teacher–student disagreement, layer by layer** (1 − cosine, before "
-                "smoothing) **and fused** (sum of the three, Gaussian σ = 4)")
-    layer_context = ScaleContext(context.category_max / 3,
-                                 None if context.normal_p99 is None else context.normal_p99 / 3,
-                                 context.threshold / 3)
-    second = st.columns(4)
-    for column, layer, title in zip(second[:3], maps["layer_maps"], LAYER_NAMES, strict=True):
-        column.image(heat_map(layer, mode, layer_context), caption=title, output_format="PNG",
-                     width="stretch")
-    second[3].image(heat, caption="fused heat map", output_format="PNG", width="stretch")
-    vmin, vmax = colour_range(mode, fused, context)
-    st.image(colour_bar(vmin, vmax, width=512), output_format="PNG",
-             caption=f"fused scale {vmin:.3f} → {vmax:.3f} (layer maps: a third of it)")
 
-    downloads = st.columns(3)
-    buffer = io.BytesIO()
-    Image.fromarray(heat).save(buffer, format="PNG")
-    downloads[0].download_button("Heat map (PNG)", buffer.getvalue(), f"{Path(name).stem}_heat.png",
-                                 "image/png", key="dl_png")
-    raw = io.BytesIO()
-    np.save(raw, fused.astype(np.float32))
-    downloads[1].download_button("Fused map (.npy)", raw.getvalue(), f"{Path(name).stem}.npy",
-                                 key="dl_npy")
-    layers = io.BytesIO()
-    np.save(layers, maps["layer_maps"].astype(np.float32))
-    downloads[2].download_button("Layer maps (.npy, 3×S×S)", layers.getvalue(),
-                                 f"{Path(name).stem}_layers.npy", key="dl_layers")
+def _show(chosen: state.Selection, detector, report: dict | None, *, title: str, image,
+          maps: dict, mask: np.ndarray | None, defect: str, score: float) -> None:
+    """The detail block of one image: verdict, colour controls, pictures, downloads."""
+    threshold = state.current_threshold(chosen, detector, report)
+    verdict = Verdict(score, threshold)
+    top = st.columns([2, 1, 1, 2])
+    top[0].subheader(title)
+    show_verdict(top[1:3], verdict)
+    top[3].caption(f"Threshold {threshold:.4f} (set it on the Evaluate page); flagged "
+                   "defective when score ≥ threshold. Score = maximum of the smoothed fused "
+                   "map.")
+    options = _colour_controls()
+    model = detector.image_size
+    size = (model, model) if options["model_size"] else None
+    pictures = detail_pictures(image, maps["layer_maps"], maps["fused"], mask,
+                               _context(detector, report, score, threshold), options["mode"],
+                               options["opacity"], options["contours"], size)
+    shown = (pictures.base.shape[1], pictures.base.shape[0])
+    st.caption(f"{image.width}×{image.height} image, shown at {shown[0]}×{shown[1]}; the model "
+               f"sees it at {model}×{model}.")
+    show_maps(pictures)
+    out_size = (model, model) if options["model_size"] else image.size
+    name = Path(title).name
+    _downloads({kind: download_name(chosen.category, defect, name, kind, extension)
+                for kind, extension in (("overlay", "png"), ("heat", "png"), ("layers", "npy"))}
+               | {"npy": download_name(chosen.category, defect, name, "heat", "npy")},
+               pictures, maps, out_size)
+
+
+def _sample_of(chosen: state.Selection, path: str) -> Sample | None:
+    return next((s for s in state.test_samples(chosen) if str(s.path) == path), None)
+
+
+@st.fragment
+def _test_image_detail(chosen: state.Selection, detector, report: dict | None) -> None:
+    """The open test image with next/previous; reruns alone when its own controls change."""
+    path = st.session_state.get("inspect_item")
+    if path is None:
+        st.info("Open an image from the grid.")
+        return
+    navigation = st.columns([1, 1, 4])
+    navigation[0].button("Previous", key="inspect_previous", icon=":material/arrow_back:",
+                         on_click=_step, args=(-1,), shortcut="ArrowLeft", width="stretch",
+                         help="Previous image of the grid (← key)")
+    navigation[1].button("Next", key="inspect_next", icon=":material/arrow_forward:",
+                         on_click=_step, args=(1,), shortcut="ArrowRight", width="stretch",
+                         help="Next image of the grid (→ key)")
+    sample = _sample_of(chosen, path)
+    try:
+        image = read_image(path)
+        maps = state.maps_for(chosen, detector, Path(path))
+        mask = (read_mask(sample.mask_path) if sample is not None and sample.mask_path
+                else None)
+    except (DataError, OSError) as error:
+        st.error(f"Cannot show this image: {error}")
+        return
+    stored = {i["path"]: i["score"] for i in (report or {}).get("images", [])}
+    # One verdict everywhere: the stored score of the test image when there is one.
+    score = stored.get(path, maps["score"])
+    _show(chosen, detector, report, title="/".join(Path(path).parts[-2:]), image=image,
+          maps=maps, mask=mask, defect=sample.defect if sample else "test", score=score)
+
+
+@st.fragment
+def _browser(chosen: state.Selection, detector, report: dict | None, samples: list[Sample],
+             scores: dict[str, float]) -> None:
+    """The grid beside the open image's detail."""
+    grid, detail = st.columns([2, 3], gap="medium")
+    with detail:
+        _test_image_detail(chosen, detector, report)
+    with grid:
+        _grid(samples, scores, st.session_state.get(state.threshold_key(chosen)))
+
+
+# ----------------------------------------------------------------------------- uploads
+
+
+def _remember_uploads() -> None:
+    """Uploader callback: keep new uploads in the session and select the newest one."""
+    stored = st.session_state.setdefault(UPLOADS, {})
+    for upload in st.session_state.get(_uploader_key()) or []:
+        data = upload.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest not in stored:
+            stored[digest] = {"name": upload.name, "data": data, "size": upload.size}
+            st.session_state[UPLOAD_PICKED] = digest
+
+
+def _uploader_key() -> str:
+    """The uploader's key: a new one empties the widget when the uploads are forgotten."""
+    return f"inspect_uploads::{st.session_state.get('inspect_uploader_round', 0)}"
+
+
+def _forget_uploads() -> None:
+    st.session_state[UPLOADS] = {}
+    st.session_state[UPLOAD_PICKED] = None
+    st.session_state.inspect_uploader_round = st.session_state.get("inspect_uploader_round",
+                                                                   0) + 1
+
+
+def _pick_upload() -> None:
+    st.session_state[UPLOAD_PICKED] = st.session_state["inspect_upload_radio"]
+
+
+def _upload_detail(chosen: state.Selection, detector, report: dict | None, digest: str,
+                   upload: dict) -> None:
+    name, data = upload["name"], upload["data"]
+    try:
+        if upload["size"] > state.MAX_UPLOAD_MB * 1024 * 1024:
+            raise DataError(f"{name}: {upload['size'] / 1e6:.1f} MB is over the "
+                            f"{state.MAX_UPLOAD_MB} MB limit")
+        image = read_image_bytes(data, name)
+    except DataError as error:
+        st.error(f"Cannot read this upload: {error}")
+        return
+    checkpoint = chosen.checkpoint
+    maps = predict_upload(str(checkpoint), checkpoint.stat().st_mtime, chosen.device, digest,
+                          data, name)
+    _show(chosen, detector, report, title=name, image=image, maps=maps, mask=None,
+          defect="upload", score=maps["score"])
+
+
+@st.fragment
+def _uploads(chosen: state.Selection, detector, report: dict | None) -> None:
+    st.file_uploader("Images (PNG, JPEG, BMP, TIFF, WebP)", accept_multiple_files=True,
+                     type=UPLOAD_TYPES, max_upload_size=state.MAX_UPLOAD_MB,
+                     key=_uploader_key(), on_change=_remember_uploads)
+    _remember_uploads()  # AppTest and a rerun with files still in the widget
+    stored = st.session_state.get(UPLOADS) or {}
+    if not stored:
+        return
+    digests = list(stored)
+    picked = st.session_state.get(UPLOAD_PICKED)
+    if picked not in stored:
+        picked = st.session_state[UPLOAD_PICKED] = digests[-1]
+    st.session_state["inspect_upload_radio"] = picked
+    row = st.columns([5, 1], vertical_alignment="bottom")
+    row[0].radio("Uploaded this session", digests, horizontal=True, key="inspect_upload_radio",
+                 format_func=lambda d: stored[d]["name"], on_change=_pick_upload)
+    row[1].button("Forget uploads", key="inspect_forget", on_click=_forget_uploads,
+                  icon=":material/delete:")
+    _upload_detail(chosen, detector, report, picked, stored[picked])
 
 
 def main() -> None:
@@ -218,27 +316,26 @@ def main() -> None:
     threshold = state.current_threshold(chosen, detector, report)
     st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
                f"{detector.image_size} px · threshold {threshold:.4f}")
-    item = st.session_state.get("inspect_item")
-    category_folder = chosen.source.root / chosen.category
-    if item is not None and item[0] == "path" and not item[1].startswith(str(category_folder)):
-        item = st.session_state.inspect_item = None  # chosen under another category
     source = st.segmented_control("Images", ["Test images", "Upload"], default="Test images",
                                   key="inspect_source")
     if source == "Upload":
-        _upload(chosen)
-        item = st.session_state.get("inspect_item")
-    if item is not None and (item[0] == "upload") == (source == "Upload"):
-        _detail(chosen, detector, report, item)
-        st.divider()
-    if source != "Upload":
-        with st.expander("Test images", expanded=item is None):
-            _browse(chosen, report)
-        if report:
-            table = pd.DataFrame(report["images"])
-            st.download_button("Scores of the test images (CSV)",
-                               table.to_csv(index=False).encode(),
-                               f"{chosen.category}_{chosen.backbone}_scores.csv", "text/csv",
-                               key="dl_csv")
+        _uploads(chosen, detector, report)
+        return
+    samples = state.test_samples(chosen)
+    if not samples:
+        return
+    item = st.session_state.get("inspect_item")
+    if item is not None and item not in {str(s.path) for s in samples}:
+        st.session_state.inspect_item = None  # chosen under another category or data
+    scores = {i["path"]: i["score"] for i in (report or {}).get("images", [])}
+    shown = _filtered(chosen, samples, scores)
+    st.session_state[ORDER] = [str(s.path) for s in shown]
+    _browser(chosen, detector, report, shown, scores)
+    if report:
+        table = pd.DataFrame(report["images"])
+        st.download_button("Scores of the test images (CSV)", table.to_csv(index=False).encode(),
+                           f"{chosen.category}_{chosen.backbone}_scores.csv", "text/csv",
+                           key="dl_csv", on_click="ignore")
 
 
 main()

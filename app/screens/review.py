@@ -51,12 +51,16 @@ def _picture(path: str, mtime: float, mask_path: str | None, size: int
 
 
 def _maps(chosen: state.Selection, detector, items: list[dict[str, Any]]
-          ) -> dict[str, dict[str, np.ndarray]]:
-    """Maps of the shown tiles, with a progress bar while uncached ones are computed."""
+          ) -> dict[str, state.ImageDetection]:
+    """Detections of the tiles on screen only, with a progress bar while uncached ones are
+    computed."""
     bar = st.progress(0.0, text="Computing heat maps…")
     maps = {}
     for done, item in enumerate(items, 1):
-        maps[item["path"]] = state.maps_for(chosen, detector, Path(item["path"]))
+        try:
+            maps[item["path"]] = state.detect(chosen, detector, Path(item["path"]))
+        except (DataError, OSError) as error:
+            st.warning(f"{Path(item['path']).name}: {error}")
         bar.progress(done / len(items), text=f"Computing heat maps… {done}/{len(items)}")
     bar.empty()
     return maps
@@ -85,27 +89,28 @@ def _peaks(values: np.ndarray, mask: np.ndarray | None) -> dict[str, float]:
 
 @st.dialog("Layer by layer", width="large")
 def _layers(key: str, item: dict[str, Any], picture: tuple[np.ndarray, np.ndarray | None],
-            maps: dict[str, np.ndarray], options: dict[str, Any], context: ScaleContext) -> None:
+            found: state.ImageDetection, options: dict[str, Any], context: ScaleContext
+            ) -> None:
     """The three per-layer maps and the fused one: which layer saw the defect, which missed."""
     _, mask = picture
-    side = "above" if item["score"] >= context.threshold else "below"
+    side = "above" if found.is_defective(context.threshold) else "below"
     st.markdown(f"**{item['defect']}/{Path(item['path']).name}** · {VERDICTS[key]} · score "
                 f"{item['score']:.4f}, {abs(item['score'] - context.threshold):.4f} {side} "
                 f"the threshold {context.threshold:.4f}")
     columns = st.columns(5)
-    columns[0].image(_overlay(picture, maps["fused"], options, context), output_format="PNG",
+    columns[0].image(_overlay(picture, found.fused, options, context), output_format="PNG",
                      caption="overlay", width="stretch")
     layer_context = ScaleContext(context.category_max / 3,
                                  None if context.normal_p99 is None else context.normal_p99 / 3,
                                  context.threshold / 3)
-    for column, layer, name in zip(columns[1:4], maps["layer_maps"], LAYER_NAMES, strict=True):
+    for column, layer, name in zip(columns[1:4], found.layer_maps, LAYER_NAMES, strict=True):
         column.image(heat_map(layer, options["mode"], layer_context), caption=name,
                      output_format="PNG", width="stretch")
-    fused = maps["fused"]
+    fused = found.fused
     columns[4].image(heat_map(fused, options["mode"], context), caption="fused",
                      output_format="PNG", width="stretch")
     rows = [{"map": name, **_peaks(layer, mask)}
-            for name, layer in zip(LAYER_NAMES, maps["layer_maps"], strict=True)]
+            for name, layer in zip(LAYER_NAMES, found.layer_maps, strict=True)]
     rows.append({"map": "fused (sum, smoothed)", **_peaks(fused, mask)})
     st.dataframe(pd.DataFrame(rows), hide_index=True,
                  column_config={c: st.column_config.NumberColumn(format="%.4f")
@@ -140,7 +145,9 @@ def _gallery(key: str, items: list[dict[str, Any]], chosen: state.Selection, det
             except (DataError, OSError) as error:
                 column.warning(f"{path.name}: {error}")
                 continue
-            fused = maps[item["path"]]["fused"]
+            if item["path"] not in maps:
+                continue
+            fused = maps[item["path"]].fused
             column.image(_overlay(picture, fused, options, context), output_format="PNG",
                          caption=f"{item['defect']}/{path.name} · {item['score']:.3f} "
                                  f"({item['margin']:+.3f})", width="stretch")
@@ -149,19 +156,40 @@ def _gallery(key: str, items: list[dict[str, Any]], chosen: state.Selection, det
                 _layers(key, item, picture, maps[item["path"]], options, context)
 
 
+@st.fragment(run_every=state.POLL_S)
+def _wait(chosen: state.Selection, detector, shown: int) -> None:
+    """While the test set is being scored: progress, and a full redraw when more is known."""
+    found = state.evaluation(chosen, detector)
+    if found.complete or len(found.scores) >= shown + GRID_COLUMNS:
+        st.rerun()
+    st.progress(found.done / max(1, found.total),
+                text=f"Scoring the test set… {found.done}/{found.total} images (galleries "
+                     "fill in as scores arrive; the results are kept)")
+
+
+def _items(chosen: state.Selection, scores: dict[str, float]) -> list[dict[str, Any]]:
+    """The test images that have a stored score, as review records."""
+    return [{"path": str(s.path), "defect": s.defect, "label": int(s.label),
+             "score": scores[str(s.path)]}
+            for s in state.test_samples(chosen) if str(s.path) in scores and s.label >= 0]
+
+
 def main() -> None:
     st.title("Review")
     chosen, detector = state.require_model()
-    report = state.report_for(chosen)
-    if report is None:
+    found = state.evaluation(chosen, detector)
+    if found.error and not found.scores:
+        st.error(f"Cannot score {chosen.category}: {found.error}")
         st.stop()
-    threshold = state.current_threshold(chosen, detector, report)
+    threshold = state.current_threshold(chosen, detector, found.report)
     head = st.columns([4, 1])
     head[0].caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
                     f"threshold {threshold:.4f} · tile captions: score (margin on the correct "
                     "side of the threshold; negative = wrong)")
     head[1].page_link("screens/evaluate.py", label="Change the threshold",
                       icon=":material/tune:")
+    if not found.complete:
+        _wait(chosen, detector, len(found.scores))
 
     controls = st.columns([3, 1, 1, 1])
     modes = list(COLOUR_MODES)
@@ -179,12 +207,16 @@ def main() -> None:
                                         help="magenta: fused map ≥ threshold; green (always): "
                                              "ground truth"),
     }
-    normal = detector.metadata.get("normal_scores") or report.get("normal_scores") or {}
-    category_max = max(image["score"] for image in report["images"])
+    items = _items(chosen, found.scores)
+    if not items:
+        st.stop()
+    normal = (detector.metadata.get("normal_scores")
+              or (found.report or {}).get("normal_scores") or {})
+    category_max = max(item["score"] for item in items)
     context = ScaleContext(category_max, normal.get("p99"), threshold)
     masks = {str(s.path): s.mask_path for s in state.test_samples(chosen)}
-    for key, items in review_groups(report["images"], threshold).items():
-        _gallery(key, items, chosen, detector, masks, options, context)
+    for key, group in review_groups(items, threshold).items():
+        _gallery(key, group, chosen, detector, masks, options, context)
 
 
 main()

@@ -14,19 +14,22 @@ import secrets
 import shlex
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from app import state
+from app import sidebar, state
 from rd import jobs
 from rd.backbones import list_backbones
 from rd.checkpoints import CheckpointError, read_metadata
 from rd.data import DataError, list_categories
 from rd.data.sources import DataSource
-from rd.manifest import ManifestError, ModelEntry, all_models
+from rd.errors import RDError
+from rd.files import file_sha256
+from rd.manifest import ManifestError, ModelEntry, all_models, delete_model, rename_model
 from rd.training import TrainConfig
 
 POLL_S = 2.0
@@ -34,6 +37,8 @@ SCRATCH = "scratch"
 NONCE = "train::nonce"
 SELECTED = "train::job"
 ERROR = "train::error"
+PREFILL = "train::prefill"  # set by state.train_call_to_action
+DELETING = "train::deleting"
 
 
 def _duration(seconds: float | None) -> str:
@@ -60,12 +65,24 @@ def _init_choices(backbone: str) -> dict[str, ModelEntry | None]:
                               for e in sorted(entries, key=lambda e: (e.dataset, e.category))}}
 
 
+def _apply_prefill(names: list[str]) -> None:
+    """Another page's "Train a model" button: the form starts on its data and category."""
+    prefill = st.session_state.pop(PREFILL, None)
+    if not prefill or prefill.get("source") not in names:
+        return
+    st.session_state["train::source"] = names.index(prefill["source"])
+    st.session_state["train::category"] = prefill["category"]
+    if prefill.get("backbone") in list_backbones():
+        st.session_state["train::backbone"] = prefill["backbone"]
+
+
 def _form() -> None:
     """The training form; a click on Start submits it once (idempotent per form and session)."""
     chosen = state.selection()
     defaults = TrainConfig()
     sources = state.data_sources()
     names = [s.name for s in sources]
+    _apply_prefill(names)
     left, middle, right = st.columns(3)
     source: DataSource = sources[left.selectbox(
         "Data", range(len(sources)), format_func=lambda i: names[i], key="train::source",
@@ -112,35 +129,40 @@ def _form() -> None:
         "across them, so the same learning rate applies.")
     name = columns[2].text_input("Name (optional)", key="train::name", max_chars=60)
 
+    config = TrainConfig(backbone=backbone, image_size=int(size), epochs=int(epochs),
+                         batch_size=int(batch), lr=float(lr), device=device,
+                         init=str(init.path) if init is not None else None)
     args = ["--data", str(source.root), "--category", category, "--backbone", backbone,
             "--epochs", str(epochs), "--batch-size", str(batch), "--image-size", str(size),
             "--lr", repr(float(lr)), "--device", device]
     if init is not None:
         args += ["--init", str(init.path)]
-    st.caption(f"`python -m rd train {shlex.join(args)}`"
-               + (f" on {nproc} processes" if nproc > 1 else ""))
+    command = f"python -m rd train {shlex.join(args)}"
+    st.caption(f"`{command}`" + (f" on {nproc} processes" if nproc > 1 else ""))
     if st.button("Start training", type="primary", icon=":material/play_arrow:",
                  key="train::start"):
-        _submit(args, name, source.name, int(nproc))
+        _submit(config, source, category, name, int(nproc), command)
 
 
-def _submit(args: list[str], name: str, dataset: str, nproc: int) -> None:
+def _submit(config: TrainConfig, source: DataSource, category: str, name: str, nproc: int,
+            command: str) -> None:
     """Submit with a key made of the form and a per-session nonce: a second click (or a rerun)
     of the same form returns the same job; once that job is over, the same form starts anew."""
-    form = {"args": args, "name": name, "dataset": dataset, "nproc": nproc}
+    form = {"config": config.to_dict(), "data": str(source.root), "category": category,
+            "name": name, "dataset": source.name, "nproc": nproc}
 
     def key() -> str:
         payload = json.dumps({**form, "nonce": st.session_state[NONCE]}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     st.session_state.setdefault(NONCE, secrets.token_hex(8))
-    previous = [j for j in jobs.list_jobs() if j.spec.get("idempotency_key") == key()]
-    if previous and previous[0].state not in jobs.ACTIVE:
-        st.session_state[NONCE] = secrets.token_hex(8)
     try:
-        job = jobs.submit(args, name=name, dataset=dataset, nproc=nproc,
-                          idempotency_key=key())
-    except (jobs.JobError, OSError) as error:
+        previous = [j for j in jobs.list_jobs() if j.spec.get("idempotency_key") == key()]
+        if previous and previous[0].state not in jobs.ACTIVE:
+            st.session_state[NONCE] = secrets.token_hex(8)
+        job = jobs.submit(config, source.root, category, name=name, dataset=source.name,
+                          nproc=nproc, idempotency_key=key(), command=command)
+    except (RDError, OSError) as error:
         st.error(f"Not started: {error}")
         return
     st.session_state[SELECTED] = job.id
@@ -211,14 +233,34 @@ def _details(job: jobs.Job) -> None:
         right.button("Resume", icon=":material/replay:", key=f"resume::{job.id}",
                      on_click=_act, args=(jobs.resume, job.id))
     if job.state == "succeeded":
-        link.page_link("screens/inspect.py", label="Inspect the model",
-                       icon=":material/image_search:")
+        entry = _registered_entry(job)
+        if entry is not None and link.button("Inspect the model", key=f"inspect::{job.id}",
+                                             icon=":material/image_search:"):
+            sidebar.show_model(entry)
+            st.switch_page("screens/inspect.py")
     records = job.metrics()
     if records:
         st.plotly_chart(_loss_figure(records), key=f"loss::{job.id}")
-    st.caption(f"`python -m rd train {shlex.join(job.spec['train_args'])}` · "
-               f"{job.spec['nproc']} process(es) · folder `{job.folder}`")
+    st.caption(f"`{job.command}` · {job.spec.get('nproc', 1)} process(es) · "
+               f"folder `{job.folder}`")
     st.code(job.log_tail(40) or "(no output yet)", language="text", height=320)
+
+
+def _registered_entry(job: jobs.Job) -> ModelEntry | None:
+    """The model a finished job registered: the user's entry with the checkpoint's SHA-256."""
+    try:
+        stat = job.checkpoint.stat()
+        digest = _sha256(str(job.checkpoint), stat.st_mtime, stat.st_size)
+        return next((e for e in all_models() if not e.shipped and e.sha256 == digest
+                     and e.dataset == job.spec.get("dataset")), None)
+    except (OSError, ManifestError):
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _sha256(path: str, mtime: float, size: int) -> str:
+    del mtime, size  # cache key only
+    return file_sha256(path)
 
 
 def _act(action: Callable[[str], jobs.Job], job_id: str) -> None:
@@ -229,6 +271,55 @@ def _act(action: Callable[[str], jobs.Job], job_id: str) -> None:
         st.session_state[ERROR] = str(error)
 
 
+def _models_panel() -> None:
+    """Every model, shipped and trained; the user's own can be renamed or deleted."""
+    try:
+        entries = all_models()
+    except ManifestError as error:
+        st.error(f"Cannot list the models: {error}")
+        return
+    st.dataframe(pd.DataFrame([{
+        "model": e.name or Path(e.file).stem, "data": f"{e.dataset} / {e.category}",
+        "backbone": e.backbone, "created": e.created[:16].replace("T", " "),
+        "epochs": e.epochs, "image AUROC": e.image_auroc, "shipped": e.shipped}
+        for e in entries]), hide_index=True,
+        column_config={"image AUROC": st.column_config.NumberColumn(format="%.3f")})
+    own = {e.id: e for e in entries if not e.shipped}
+    if not own:
+        st.caption("Shipped models are read-only; the models your jobs train appear here.")
+        return
+    picked = st.selectbox("Your model", list(own), format_func=lambda i: own[i].label,
+                          key="models::pick")
+    entry = own[picked]
+    left, right = st.columns(2)
+    with left.form("models::rename", border=False):
+        name = st.text_input("New name", value=entry.name, max_chars=60, key="models::name")
+        if st.form_submit_button("Rename", icon=":material/edit:"):
+            try:
+                rename_model(entry.id, name)
+            except ManifestError as error:
+                st.error(str(error))
+            else:
+                st.rerun()
+    if st.session_state.get(DELETING) != entry.id:
+        right.button("Delete…", key="models::delete", icon=":material/delete:",
+                     on_click=lambda: st.session_state.update({DELETING: entry.id}))
+        return
+    right.warning(f"Delete **{entry.label}** and its file? This cannot be undone.")
+    confirm, cancel = right.columns(2)
+    if cancel.button("Keep it", key="models::keep"):
+        st.session_state.pop(DELETING, None)
+        st.rerun()
+    if confirm.button("Delete for good", key="models::confirm", type="primary"):
+        st.session_state.pop(DELETING, None)
+        try:
+            delete_model(entry.id)
+        except ManifestError as error:
+            st.error(str(error))
+        else:
+            st.rerun()
+
+
 def main() -> None:
     st.title("Train")
     st.caption("Each job runs as its own process and keeps going when you leave or reload "
@@ -237,6 +328,8 @@ def main() -> None:
     with st.container(border=True):
         _form()
     _jobs_panel()
+    st.subheader("Models")
+    _models_panel()
 
 
 main()

@@ -23,6 +23,7 @@ ROC_HOVER = "threshold %{customdata:.4f}<br>TPR %{y:.3f}<br>FPR %{x:.3f}"
 
 # Gallery keys in display order: mistakes first, the costliest (a missed defect) at the top.
 GROUPS = ("FN", "FP", "TP", "TN")
+SMALL_CLASS = 5  # fewer images than this in a class: its AUROC is too coarse to compare
 
 
 def confusion_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, float]:
@@ -113,11 +114,15 @@ def roc_figure(curves: Mapping[str, Mapping[str, Sequence[float]]],
 def score_histogram(normal_scores: ArrayLike, defective_scores: ArrayLike, threshold: float,
                     bins: int = 30) -> go.Figure:
     """Overlaid histograms of normal and defective image scores on shared bins, with the
-    threshold as a vertical line: how well one cut separates the two."""
+    threshold as a vertical line: how well one cut separates the two.
+
+    The bins come from the scores alone, so they stay put while the threshold moves; the axis
+    widens to keep a threshold outside the scores in view.
+    """
     normal = np.asarray(normal_scores, dtype=np.float64).ravel()
     defective = np.asarray(defective_scores, dtype=np.float64).ravel()
-    everything = np.concatenate([normal, defective, [threshold]])
-    low, high = float(everything.min()), float(everything.max())
+    scores = np.concatenate([normal, defective])
+    low, high = float(scores.min()), float(scores.max())
     size = (high - low) / bins if high > low else 1.0
     xbins = {"start": low, "end": high + size, "size": size}
     figure = go.Figure()
@@ -129,11 +134,25 @@ def score_histogram(normal_scores: ArrayLike, defective_scores: ArrayLike, thres
     figure.add_vline(x=threshold, line={"color": THRESHOLD_COLOUR, "width": 2, "dash": "dash"},
                      annotation_text=f"threshold {threshold:.4f}",
                      annotation_position="bottom right")
+    margin = size / 2
     figure.update_layout(barmode="overlay", xaxis_title="image score (raw units)",
+                         xaxis={"range": [min(low, threshold) - margin,
+                                          max(high + size, threshold) + margin]},
                          yaxis_title="images", height=320,
                          margin={"l": 10, "r": 10, "t": 40, "b": 10},
                          legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"})
     return figure
+
+
+def auroc_label(name: str, auroc: float | None) -> str:
+    """A legend entry that carries its curve's AUROC (in %), so no table is needed beside it."""
+    return f"{name} · AUROC {'—' if auroc is None else f'{100 * auroc:.1f}'}"
+
+
+def small_classes(counts: Mapping[str, int], minimum: int = SMALL_CLASS) -> list[str]:
+    """The classes with fewer than ``minimum`` images: their AUROC moves by a large step with
+    each image, so the page warns before anyone compares them."""
+    return [name for name, count in counts.items() if count < minimum]
 
 
 def review_groups(images: Sequence[Mapping[str, Any]], threshold: float
@@ -172,7 +191,7 @@ def novelty_summary(report: Mapping[str, Any]) -> tuple[list[dict[str, Any]],
                          if result["index"] < len(paper_auroc) else None)
             rows.append({"class": name, "AUROC %": round(100 * result["auroc"], 1),
                          "paper %": reference, "train images": result["n_train"]})
-            curves[name] = result["roc"]
+            curves[auroc_label(name, result["auroc"])] = result["roc"]
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"not a novelty report of python -m rd novelty (missing {error})") \
             from None

@@ -3,11 +3,17 @@
 Every reader fully decodes its input, so a corrupt file fails here with a one-line message that
 names it, not later inside a training loop. Alpha channels are dropped (not composited): anomaly
 models see the stored colour values, which is what an RGB export of the same file would hold.
+
+Decoded size is capped before decoding, from the header: a small file can decode to a huge
+image (a 250 KB PNG of 79 megapixels costs the server most of a gigabyte). Files read from disk
+may have up to ``$RD_MAX_PIXELS`` pixels (default 80 million); uploads (``read_image_bytes``) up
+to ``$RD_MAX_UPLOAD_PIXELS`` (default 25 million).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -15,7 +21,12 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from rd.errors import RDError
+
 DEFAULT_MAX_PIXELS = 80_000_000
+DEFAULT_MAX_UPLOAD_PIXELS = 25_000_000
+MAX_PIXELS_ENV = "RD_MAX_PIXELS"
+MAX_UPLOAD_PIXELS_ENV = "RD_MAX_UPLOAD_PIXELS"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 ImageSource = str | Path | Image.Image | np.ndarray
@@ -23,7 +34,7 @@ ImageSource = str | Path | Image.Image | np.ndarray
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-class DataError(ValueError):
+class DataError(RDError, ValueError):
     """A dataset or file cannot be used; the message says which one and what to do."""
 
 
@@ -35,21 +46,40 @@ def _fail(name: str, problem: str, action: str) -> ImageError:
     return ImageError(f"{name}: {problem}; {action}")
 
 
-def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
+def pixel_limit(upload: bool = False) -> int:
+    """Most pixels an image may decode to: ``$RD_MAX_PIXELS`` (files) or
+    ``$RD_MAX_UPLOAD_PIXELS`` (uploads), else the defaults."""
+    variable = MAX_UPLOAD_PIXELS_ENV if upload else MAX_PIXELS_ENV
+    default = DEFAULT_MAX_UPLOAD_PIXELS if upload else DEFAULT_MAX_PIXELS
+    value = os.environ.get(variable, "").strip().replace("_", "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) <= 0:
+        raise DataError(f"${variable} must be a positive whole number of pixels, got "
+                        f"{os.environ[variable]!r}")
+    return int(value)
+
+
+def _check_size(name: str, width: int, height: int, max_pixels: int | None,
+                upload: bool = False) -> None:
     if width <= 0 or height <= 0:
         raise _fail(name, f"image has zero size ({width}x{height})", "re-export or remove it")
-    if width * height > max_pixels:
+    limit = pixel_limit(upload) if max_pixels is None else max_pixels
+    if width * height > limit:
+        variable = MAX_UPLOAD_PIXELS_ENV if upload else MAX_PIXELS_ENV
         raise _fail(
             name,
             f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{max_pixels:,}",
-            "downscale it first or raise max_pixels",
+            f"{limit:,}",
+            f"downscale it first, or raise the limit with the environment variable "
+            f"{variable}=<pixels>",
         )
 
 
-def _decode(image: Image.Image, name: str, max_pixels: int) -> Image.Image:
+def _decode(image: Image.Image, name: str, max_pixels: int | None, upload: bool = False
+            ) -> Image.Image:
     """Check the size from the header, force a full decode, and turn upright per EXIF."""
-    _check_size(name, image.width, image.height, max_pixels)
+    _check_size(name, image.width, image.height, max_pixels, upload)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
@@ -59,7 +89,8 @@ def _decode(image: Image.Image, name: str, max_pixels: int) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _open(source: str | Path | Image.Image, max_pixels: int) -> tuple[Image.Image, str]:
+def _open(source: str | Path | Image.Image, max_pixels: int | None
+          ) -> tuple[Image.Image, str]:
     """Open and fully decode a path or PIL image; returns (image, name for messages)."""
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
@@ -72,7 +103,8 @@ def _open(source: str | Path | Image.Image, max_pixels: int) -> tuple[Image.Imag
     return _open_file(path, name, max_pixels), name
 
 
-def _open_file(file: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image:
+def _open_file(file: Path | BinaryIO, name: str, max_pixels: int | None,
+               upload: bool = False) -> Image.Image:
     """Open and fully decode a file, turning PIL's exceptions into ImageError."""
     try:
         # Our own max_pixels check covers the range where PIL only warns; PIL's hard limit
@@ -82,6 +114,8 @@ def _open_file(file: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image
             image = Image.open(file)
     except Image.DecompressionBombError as exc:
         raise _fail(name, "image is too large to decode safely", "downscale it first") from exc
+    except MemoryError as exc:
+        raise _fail(name, "not enough memory to open it", "downscale it first") from exc
     except Image.UnidentifiedImageError as exc:
         raise _fail(
             name, "not an image or an unsupported format", "convert it to PNG or remove it"
@@ -89,13 +123,18 @@ def _open_file(file: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image
     except (OSError, SyntaxError, ValueError) as exc:
         raise _fail(name, f"image header is corrupt ({exc})", "re-export or remove it") from exc
     with image:
-        return _decode(image, name, max_pixels)
+        return _decode(image, name, max_pixels, upload)
 
 
-def read_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
-                     ) -> Image.Image:
-    """An RGB image from encoded bytes (an upload), with the same checks as ``read_image``."""
-    return read_image(_open_file(io.BytesIO(data), name, max_pixels), max_pixels)
+def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """An RGB image from encoded bytes (an upload), with the same checks as ``read_image``.
+
+    ``max_pixels`` defaults to the upload limit (``$RD_MAX_UPLOAD_PIXELS``), checked from the
+    header before anything is decoded.
+    """
+    limit = pixel_limit(upload=True) if max_pixels is None else max_pixels
+    return read_image(_open_file(io.BytesIO(data), name, limit, upload=max_pixels is None),
+                      limit)
 
 
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
@@ -121,7 +160,7 @@ def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:
     )
 
 
-def _array_to_rgb(array: np.ndarray, name: str, max_pixels: int) -> Image.Image:
+def _array_to_rgb(array: np.ndarray, name: str, max_pixels: int | None) -> Image.Image:
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         array = array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3]
     elif array.ndim != 2:
@@ -148,11 +187,12 @@ def _wide_mode_array(image: Image.Image, name: str) -> np.ndarray:
     return array
 
 
-def read_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def read_image(source: ImageSource, max_pixels: int | None = None) -> Image.Image:
     """Read a path, PIL image or array as an upright 8-bit RGB PIL image.
 
     16-bit data is scaled by its full range (65535 -> 255) rather than clipped, float data must
-    lie in [0, 1], and alpha is dropped. Raises ImageError for anything unusable.
+    lie in [0, 1], and alpha is dropped. ``max_pixels`` defaults to ``$RD_MAX_PIXELS`` (80
+    million). Raises ImageError for anything unusable.
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, "<array>", max_pixels)
@@ -182,7 +222,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def read_mask(
     source: str | Path | Image.Image,
     size: tuple[int, int] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Read a ground-truth mask of any mode as a bool (H, W) array: any non-zero pixel is defect.
 

@@ -116,7 +116,7 @@ class MVTecCategory:
                     if not self.allow_missing_masks:
                         raise DataError(
                             f"{path}: no mask at {mask_path}; add it, or pass "
-                            "allow_missing_masks=True to skip pixel metrics for this image"
+                            "--allow-missing-masks to skip pixel metrics for this image"
                         )
                     mask_path = None
                 samples.append(Sample(path, 1, defect, mask_path))

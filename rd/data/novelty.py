@@ -5,7 +5,9 @@ uint8 arrays of one image size: (N, H, W) grey or (N, H, W, 3) RGB. Formats:
 
 - class folders: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (MNIST's PNGs, CIFAR-10 as
   images, any dataset laid out so); a ``.tar.gz`` of that layout is unpacked once under
-  ``data_home()/novelty`` (safely: no member can land outside it);
+  ``data_home()/novelty/<name>-<SHA-256 prefix>`` (keyed by content, so a different archive of
+  the same name is never served an old extraction; safely: no member can land outside it, and
+  it may unpack to at most ``MAX_UNPACK_RATIO`` times its size);
 - gzip IDX: the original MNIST / Fashion-MNIST files, parsed here with numpy;
 - CIFAR-10 binary batches (``cifar-10-batches-bin``). Its Python version is refused: it is a
   pickle, and unpickling a downloaded file can run arbitrary code.
@@ -25,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from rd.data.images import DataError, ImageError, list_images, read_image
-from rd.paths import data_home
+from rd.download import DownloadError, UnpackBudget
+from rd.files import data_home, file_sha256
 
 MNIST_CLASSES = tuple(str(digit) for digit in range(10))
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -114,21 +117,39 @@ def _checked(name: str, classes: Sequence[str], splits: dict[str, Split], source
 # ------------------------------------------------------------------------------ class folders
 
 
+def archive_cache(archive: Path) -> Path:
+    """Where ``archive`` is unpacked: named after it and the start of its SHA-256."""
+    stem = archive.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
+    return data_home() / "novelty" / f"{stem}-{file_sha256(archive)[:16]}"
+
+
 def unpack_archive(archive: Path) -> Path:
     """Unpack a .tar.gz once under ``data_home()/novelty``; returns the folder holding train/."""
-    target = data_home() / "novelty" / archive.name.removesuffix(".gz").removesuffix(".tar")
+    target = archive_cache(archive)
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Unpacked beside the target and renamed at the end: an interrupted run leaves no half.
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpack-"))
+        budget = UnpackBudget(archive)
+
+        def checked(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+            budget.take(member)
+            return tarfile.data_filter(member, path)  # no absolute paths, ../ or links out
+
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(tmp, filter="data")  # refuses absolute paths, ../ and links out
+                tar.extractall(tmp, filter=checked)
+        except DownloadError as error:
+            shutil.rmtree(tmp)
+            raise DataError(str(error)) from None
         except (tarfile.TarError, OSError, EOFError) as error:
             shutil.rmtree(tmp)
             raise DataError(f"{archive}: cannot unpack ({error}); expected a .tar.gz of "
                             "train/<class>/ and test/<class>/ folders") from None
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another run finished the same archive first: use theirs
+            shutil.rmtree(tmp)
     tops = [p for p in target.iterdir() if p.is_dir()]
     if not (target / "train").is_dir() and len(tops) == 1:
         return tops[0]  # an archive with one top folder around train/ and test/

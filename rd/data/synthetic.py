@@ -32,7 +32,7 @@ from scipy import fft, ndimage
 
 from rd.data.images import DataError
 from rd.data.mvtec import GOOD
-from rd.paths import data_home
+from rd.files import data_home
 
 _GENERATOR = "rd.data.synthetic"
 GENERATOR_VERSION = 1  # bump whenever rendering changes: older datasets then regenerate
@@ -518,9 +518,179 @@ def _debris(
     return out, (cover > 0) | (shadow > 0)
 
 
+# --- hard categories: long and large grey parts with thin and faint defects ----------------------
+#
+# Opt-in (never part of the default built-in set): images far from the 256² square and defects
+# that squashing to 256² blurs away: hairline cracks 1-3 px wide, low-contrast unevenness over
+# 10-40 % of the part, fine scratches. Sizes are (height, width); each renderer draws its own
+# grids, so the 256² categories above are untouched.
+
+HARD_CATEGORIES = MappingProxyType(
+    {
+        "metal_strip": ("crack", "scratch", "uneven"),
+        "casting": ("crack", "scratch", "uneven"),
+    }
+)
+"""Opt-in categories with non-square images and hard defects: name -> defect kinds."""
+
+HARD_IMAGE_SIZES = MappingProxyType({"metal_strip": (256, 1024), "casting": (600, 800)})
+"""(height, width) of each hard category (the casting is 800x600, not 1600x1200: CPU time)."""
+
+
+def _field(rng: np.random.Generator, shape: tuple[int, int], along: float,
+           across: float | None = None) -> np.ndarray:
+    """``_noise`` for any shape: a smooth zero-mean unit-spread field, correlation ``along`` in
+    x and ``across`` in y (pixels)."""
+    h, w = shape
+    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
+    across = along if across is None else across
+    spectrum = np.exp(-2 * np.pi**2 * ((along * fx) ** 2 + (across * fy) ** 2)).astype(np.float32)
+    white = rng.standard_normal(shape, dtype=np.float32)
+    out = fft.irfft2(fft.rfft2(white) * spectrum, s=shape).astype(np.float32)
+    out -= out.mean()
+    return out / max(float(out.std()), 1e-6)
+
+
+def _path_distance(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Distance of every pixel to a dense path of (y, x) points, for any image shape."""
+    h, w = shape
+    iy, ix = np.rint(points).astype(np.int64).T
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    free = np.ones(shape, dtype=bool)
+    free[iy[inside], ix[inside]] = False
+    if free.all():
+        return np.full(shape, np.inf, dtype=np.float32)
+    ny, nx = ndimage.distance_transform_edt(free, return_distances=False, return_indices=True)
+    exact_y = np.zeros(shape, dtype=np.float32)
+    exact_x = np.zeros(shape, dtype=np.float32)
+    exact_y[iy[inside], ix[inside]] = points[inside, 0]
+    exact_x[iy[inside], ix[inside]] = points[inside, 1]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.hypot(yy - exact_y[ny, nx], xx - exact_x[ny, nx])
+
+
+def _inside_point(rng: np.random.Generator, part: np.ndarray, margin: int) -> np.ndarray:
+    """A random pixel of the part at least ``margin`` pixels from its edge."""
+    core = ndimage.binary_erosion(part, iterations=margin) if margin else part
+    ys, xs = np.nonzero(core if core.any() else part)
+    pick = rng.integers(len(ys))
+    return np.array([ys[pick], xs[pick]], dtype=np.float64)
+
+
+def _hairline_crack(rng: np.random.Generator, lum: np.ndarray, part: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A jagged dark crack 1-3 px wide, tapering at both ends, with a faint bright lip."""
+    extent = min(part.shape)
+    path = _curve(rng, _inside_point(rng, part, 20), rng.uniform(0, 2 * np.pi),
+                  rng.uniform(0.3, 0.6) * extent, 0.01, 0.6)
+    dist = _path_distance(path, part.shape)
+    width = rng.uniform(1.0, 3.0)
+    gap = np.clip(width / 2 + 0.5 - dist, 0, 1) * part
+    depth = rng.uniform(0.35, 0.55)
+    return lum * (1 - depth * gap), gap > 0
+
+
+def _fine_scratch(rng: np.random.Generator, lum: np.ndarray, part: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A long thin bright scratch, about 1 px wide, of low contrast, slightly curved."""
+    extent = max(part.shape)
+    path = _curve(rng, _inside_point(rng, part, 10), rng.uniform(0, 2 * np.pi),
+                  rng.uniform(0.15, 0.35) * extent, 0.03)
+    dist = _path_distance(path, part.shape)
+    line = np.clip(1.0 - dist, 0, 1) * part
+    return lum * (1 + rng.uniform(0.18, 0.28) * line), line > 0
+
+
+def _unevenness(rng: np.random.Generator, lum: np.ndarray, part: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A low-contrast region (a few grey levels) over 10-40 % of the part: a sink mark, a
+    patch of different finish. Its ramp lies inside the region, so the mask is exact."""
+    share = rng.uniform(0.1, 0.4)
+    smooth = _field(rng, part.shape, 0.25 * min(part.shape))
+    level = np.quantile(smooth[part], 1 - share)
+    region = (smooth > level) & part
+    labels, count = ndimage.label(region)
+    if count > 1:  # the largest piece only: one uneven area, not many specks
+        region = labels == 1 + np.argmax(np.bincount(labels.ravel())[1:])
+    inward = ndimage.distance_transform_edt(region)
+    ramp = np.clip(inward / 12.0, 0, 1)
+    texture = 1 + 0.3 * _field(rng, part.shape, 6)
+    change = rng.choice([-1, 1]) * rng.uniform(0.06, 0.1)
+    return lum * (1 + change * ramp * texture), region
+
+
+_HARD_DEFECTS = {"crack": _hairline_crack, "scratch": _fine_scratch, "uneven": _unevenness}
+
+
+def _grey_lighting(rng: np.random.Generator, lum: np.ndarray) -> np.ndarray:
+    """Grey level image: a slight global gain and gradient, and sensor noise, drawn after the
+    defect so they are the same with or without it."""
+    h, w = lum.shape
+    gain = 1 + 0.03 * rng.standard_normal()
+    gy, gx = (float(g) for g in rng.normal(0, 0.05, 2))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    light = gain * (1 + gy * (yy / h - 0.5) + gx * (xx / w - 0.5))
+    grey = lum * light + 1.2 * rng.standard_normal((h, w), dtype=np.float32)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _metal_strip(
+    rng: np.random.Generator, defect: str | None, drng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A brushed steel strip running the length of the image, on a dark conveyor."""
+    shape = HARD_IMAGE_SIZES["metal_strip"]
+    h, w = shape
+    yy = np.mgrid[0:h, 0:w][0].astype(np.float32)
+    top = 0.12 * h + rng.normal(0, 2)
+    bottom = 0.88 * h + rng.normal(0, 2)
+    part = (yy > top + 0.5) & (yy < bottom - 0.5)
+    edge = np.clip(np.minimum(yy - top, bottom - yy) + 0.5, 0, 1)
+    brushed = 0.05 * _field(rng, shape, 60, 0.7) + 0.02 * _field(rng, shape, 4, 0.5)
+    lum = 150 * (1 + brushed + 0.02 * _field(rng, shape, 120))
+    lum = lum * (1 - 0.15 * np.exp(-np.minimum(yy - top, bottom - yy) / 3))  # rolled edges
+    background = 40 * (1 + 0.08 * _field(rng, shape, 3))
+    region = np.zeros(shape, dtype=bool)
+    if defect is not None:
+        assert drng is not None
+        lum, region = _HARD_DEFECTS[defect](drng, lum, part)
+    return _grey_lighting(rng, background * (1 - edge) + lum * edge), region
+
+
+def _casting(
+    rng: np.random.Generator, defect: str | None, drng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A grey sand-cast plate with rounded corners and two machined bores, on a dark table."""
+    shape = HARD_IMAGE_SIZES["casting"]
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = h / 2 + rng.normal(0, 3), w / 2 + rng.normal(0, 3)
+    half_h, half_w, corner = 0.38 * h, 0.4 * w, 40.0
+    qy = np.maximum(np.abs(yy - cy) - (half_h - corner), 0)
+    qx = np.maximum(np.abs(xx - cx) - (half_w - corner), 0)
+    outside = np.hypot(qy, qx) - corner  # signed distance to the rounded rectangle
+    bores = [np.hypot(yy - cy, xx - (cx + s * 0.5 * half_w)) - 0.22 * half_h for s in (-1, 1)]
+    cover = np.clip(0.5 - outside, 0, 1)
+    for bore in bores:
+        cover = cover * np.clip(bore + 0.5, 0, 1)
+    part = cover >= 1
+    sand = 0.04 * _field(rng, shape, 1.5) + 0.03 * _field(rng, shape, 8)
+    lum = 125 * (1 + sand + 0.02 * _field(rng, shape, 150))
+    for bore in bores:  # a machined chamfer, brighter, around each bore
+        lum = lum * (1 + 0.25 * np.clip(1 - bore / 8, 0, 1))
+    background = 30 * (1 + 0.06 * _field(rng, shape, 2))
+    region = np.zeros(shape, dtype=bool)
+    if defect is not None:
+        assert drng is not None
+        lum, region = _HARD_DEFECTS[defect](drng, lum, part)
+    return _grey_lighting(rng, background * (1 - cover) + lum * cover), region
+
+
 # --- rendering and writing ---------------------------------------------------------------------
 
-_RENDERERS: dict[str, _Render] = {"fabric": _fabric, "wood": _wood, "hex_nut": _nut}
+_RENDERERS: dict[str, _Render] = {"fabric": _fabric, "wood": _wood, "hex_nut": _nut,
+                                  "metal_strip": _metal_strip, "casting": _casting}
+_ALL_CATEGORIES = MappingProxyType({**SYNTHETIC_CATEGORIES, **HARD_CATEGORIES})
 
 
 def _stream(
@@ -532,16 +702,16 @@ def _stream(
 
 
 def _check_sample(category: str, split: str, kind: str, index: int, seed: int) -> None:
-    if category not in SYNTHETIC_CATEGORIES:
+    if category not in _ALL_CATEGORIES:
         raise DataError(
             f"unknown synthetic category '{category}'; choose from "
-            f"{', '.join(SYNTHETIC_CATEGORIES)}"
+            f"{', '.join(_ALL_CATEGORIES)}"
         )
-    kinds = (GOOD, *SYNTHETIC_CATEGORIES[category]) if split == _TEST else (GOOD,)
+    kinds = (GOOD, *_ALL_CATEGORIES[category]) if split == _TEST else (GOOD,)
     if split not in (_TRAIN, _TEST) or kind not in kinds:
         raise DataError(
             f"no '{split}/{kind}' in synthetic category '{category}'; "
-            f"use train/good or test/<one of {', '.join((GOOD, *SYNTHETIC_CATEGORIES[category]))}>"
+            f"use train/good or test/<one of {', '.join((GOOD, *_ALL_CATEGORIES[category]))}>"
         )
     if index < 0 or seed < 0:
         raise DataError(f"index and seed must be non-negative, got index={index}, seed={seed}")
@@ -578,7 +748,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 def _folders(
     category: str, n_train: int, n_test_good: int, n_per_defect: int
 ) -> list[tuple[str, str, int]]:
-    defects = [(_TEST, kind, n_per_defect) for kind in SYNTHETIC_CATEGORIES[category]]
+    defects = [(_TEST, kind, n_per_defect) for kind in _ALL_CATEGORIES[category]]
     return [(_TRAIN, GOOD, n_train), (_TEST, GOOD, n_test_good), *defects]
 
 
@@ -588,7 +758,8 @@ def _metadata(category: str, seed: int, folders: Iterable[tuple[str, str, int]])
         "version": GENERATOR_VERSION,
         "category": category,
         "seed": seed,
-        "image_size": IMAGE_SIZE,
+        "image_size": list(HARD_IMAGE_SIZES[category]) if category in HARD_IMAGE_SIZES
+        else IMAGE_SIZE,
         "counts": {f"{split}/{kind}": count for split, kind, count in folders},
         "licence": _LICENCE,
     }

@@ -53,7 +53,7 @@ def _png(colour) -> bytes:
 def test_upload_good_and_corrupt_files(studio, content, ok):
     at = _app(studio)
     at.segmented_control(key="inspect_source").set_value("Upload").run()
-    at.file_uploader(key="inspect_uploads").upload("part.png", content, "image/png").run()
+    at.file_uploader(key="inspect_uploads::0").upload("part.png", content, "image/png").run()
     assert not at.exception
     if ok:
         assert not at.error
@@ -61,3 +61,75 @@ def test_upload_good_and_corrupt_files(studio, content, ok):
     else:
         assert "Cannot read this upload" in at.error[0].value
         assert not at.metric
+
+
+def _detail_caption(at: AppTest) -> str:
+    return next(c.value for c in at.caption if "shown at" in c.value)
+
+
+def test_upload_is_shown_at_its_own_aspect_ratio_and_persists_across_modes(studio):
+    at = _app(studio)
+    at.segmented_control(key="inspect_source").set_value("Upload").run()
+    uploader = at.file_uploader(key="inspect_uploads::0")
+    at = uploader.upload("first.png", _png((120, 90, 60)), "image/png").run()
+    assert "80×60 image, shown at 80×60" in _detail_caption(at)
+    at.file_uploader(key="inspect_uploads::0").upload("second.png", _png((30, 90, 160)),
+                                                      "image/png").run()
+    assert at.subheader[0].value == "second.png", "the newest upload is selected"
+    at.toggle(key="inspect_model_size").set_value(True).run()
+    assert "shown at 64×64" in _detail_caption(at)
+    at.segmented_control(key="inspect_source").set_value("Test images").run()
+    at.segmented_control(key="inspect_source").set_value("Upload").run()
+    assert not at.exception
+    assert at.radio(key="inspect_upload_radio").options == ["first.png", "second.png"]
+    assert at.subheader[0].value == "second.png"
+    labels = [b.label for b in at.get("download_button")]
+    assert labels[:2] == ["Overlay (PNG)", "Heat map (PNG)"]
+    at.button(key="inspect_forget").click().run()
+    assert not at.exception and not at.metric
+
+
+def test_next_and_previous_walk_the_grid_and_keep_it(studio):
+    at = _app(studio)
+    opens = [b.key for b in at.button if b.key and b.key.startswith("open::")]
+    at.button(key=opens[0]).click().run()
+    first = at.subheader[0].value
+    at.button(key="inspect_next").click().run()
+    assert not at.exception
+    second = at.subheader[0].value
+    assert second != first
+    assert second == "/".join(Path(opens[1].removeprefix("open::")).parts[-2:])
+    at.button(key="inspect_previous").click().run()
+    assert at.subheader[0].value == first
+    at.button(key="inspect_previous").click().run()  # wraps to the last image of the grid
+    assert at.subheader[0].value == "/".join(Path(opens[-1].removeprefix("open::")).parts[-2:])
+    assert [b.key for b in at.button if b.key and b.key.startswith("open::")] == opens
+
+
+def test_verdict_uses_the_stored_score_of_the_test_image(studio):
+    at = _app(studio)
+    at.button(key=next(b.key for b in at.button if b.key and "/hole/" in b.key)).click().run()
+    score = float(at.metric[0].value)
+    grid_scores = [c for image in at.get("image") for c in image.captions
+                   if c.startswith(at.subheader[0].value + " · ")]
+    assert grid_scores and f"{score:.3f}" in grid_scores[0]
+
+
+def test_defect_filter_is_kept_per_category(two_categories):
+    """Bug 1 of issue 10: switching category kept only the defect types both share."""
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["source"] = "twoparts"
+    at.session_state["category"] = "widget"
+    at.run()
+    filters = [m for m in at.multiselect if m.label == "Defect types"]
+    assert filters[0].value == ["good", "hole", "scratch"]
+    at.sidebar.selectbox(key="category").set_value("gadget").run()
+    assert not at.exception
+    (defects,) = [m for m in at.multiselect if m.label == "Defect types"]
+    assert defects.value == ["crack", "good", "hole"]
+    opens = [b.key for b in at.button if b.key and b.key.startswith("open::")]
+    assert any("/crack/" in key for key in opens)
+    defects.set_value(["crack"]).run()
+    at.sidebar.selectbox(key="category").set_value("widget").run()
+    assert next(m for m in at.multiselect if m.label == "Defect types").value == [
+        "good", "hole", "scratch"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rd import jobs
+from rd.cli.jobs import submit_train_options as submit
 from rd.data import MVTecCategory
 from rd.manifest import read_manifest
 from rd.training import (
@@ -67,13 +70,13 @@ def test_invalid_requests_are_refused_before_a_job_exists(root, tiny, studio_hom
     }
     for reason, args in refused.items():
         with pytest.raises(jobs.JobError, match=reason):
-            jobs.submit(args)
+            submit(args)
     with pytest.raises(jobs.JobError, match="dataset name"):
-        jobs.submit(tiny, dataset="../../elsewhere")
+        submit(tiny, dataset="../../elsewhere")
     with pytest.raises(jobs.JobError, match="whole number >= 1"):
-        jobs.submit(tiny, nproc=0)
+        submit(tiny, nproc=0)
     with pytest.raises(jobs.JobError, match="at least 8 images"):
-        jobs.submit(tiny, nproc=8)
+        submit(tiny, nproc=8)
     for bad in ("../x", "a/b", "", ".hidden"):
         with pytest.raises(jobs.JobError, match="invalid job id"):
             jobs.get(bad)
@@ -81,11 +84,73 @@ def test_invalid_requests_are_refused_before_a_job_exists(root, tiny, studio_hom
     assert not root.exists() or [p.name for p in root.iterdir()] == [".lock"]
 
 
+def test_typed_submission_is_validated_and_stored(root, tiny_mvtec, monkeypatch):
+    """The library takes a TrainConfig (no command line); the spec stores it as a dict."""
+    monkeypatch.setenv(jobs.SLOTS_ENV["cpu"], "0")
+    data, category = tiny_mvtec.root, tiny_mvtec.category
+    with pytest.raises(jobs.JobError, match="epochs must be at least 1"):
+        jobs.submit(TrainConfig(epochs=0, device="cpu"), data, category)
+    with pytest.raises(jobs.JobError, match="a TrainConfig"):
+        jobs.submit({"epochs": 1}, data, category)
+    assert jobs.list_jobs() == []
+    config = TrainConfig(epochs=3, image_size=64, batch_size=4, device="cpu")
+    job = jobs.submit(config, data, category, evaluate=False, name="typed")
+    assert job.config == config and job.spec["evaluate"] is False and not job.legacy
+    assert job.spec["data"] == str(Path(data).resolve()) and job.spec["category"] == category
+    assert json.loads((job.folder / "spec.json").read_text())["config"]["betas"] == [0.5, 0.999]
+
+
+def _legacy_job(root: Path, train_args: list[str], state: str = "interrupted") -> str:
+    """A job folder as the version that stored command-line options wrote it."""
+    job_id = "20250101-000000-old-abcd"
+    folder = root / job_id
+    folder.mkdir(parents=True)
+    spec = {"id": job_id, "name": "old", "dataset": "fake", "category": "widget",
+            "backbone": "efficientnet_lite0", "epochs": 2, "device": "cpu", "nproc": 1,
+            "resource": "cpu", "train_args": train_args, "cwd": str(root.parent),
+            "idempotency_key": None, "submitted": 1.0}
+    (folder / "spec.json").write_text(json.dumps(spec))
+    (folder / "status.json").write_text(json.dumps({"state": state, "queued_at": 1.0,
+                                                    "attempts": 1, "pid": None}))
+    return job_id
+
+
+def test_an_argv_job_of_an_earlier_version_lists_and_migrates(root, tiny, monkeypatch, capsys):
+    from rd.cli import main
+
+    monkeypatch.setenv(jobs.SLOTS_ENV["cpu"], "0")
+    relative = os.path.relpath(tiny[1], root.parent)  # an old spec's --data relative to its cwd
+    job_id = _legacy_job(root, ["--data", relative, *tiny[2:], "--epochs", "2"])
+    (job,) = jobs.list_jobs()
+    assert job.legacy and job.state == "interrupted" and job.progress().epochs == 2
+    assert job.command == f"python -m rd train {shlex.join(job.spec['train_args'])}"
+    with pytest.raises(jobs.JobError, match="earlier version"):
+        jobs.resume(job_id)  # the library cannot read options; nothing changes
+    assert main(["jobs", "list"]) == 0 and f"{job_id}  interrupted" in capsys.readouterr().out
+    assert main(["jobs", "resume", job_id]) == 0  # the command line converts it, then resumes
+    job = jobs.get(job_id)
+    assert job.state == "queued" and not job.legacy
+    assert job.config == TrainConfig(image_size=64, batch_size=4, device="cpu",
+                                     cache_teacher="on", epochs=2)
+    assert job.spec["data"] == str(Path(tiny[1]).resolve()) and job.spec["evaluate"] is True
+
+
+def test_an_argv_job_whose_options_no_longer_parse_says_it_cannot_resume(root, capsys):
+    from rd.cli import main
+
+    job_id = _legacy_job(root, ["--data", "x", "--category", "widget", "--gone-flag"])
+    assert [job.id for job in jobs.list_jobs()] == [job_id]
+    assert main(["jobs", "resume", job_id]) == 2
+    error = capsys.readouterr().err
+    assert "cannot be resumed" in error and "submit it again" in error
+    assert jobs.get(job_id).legacy
+
+
 def test_submit_is_idempotent_per_key_and_names_are_sanitised(root, tiny, monkeypatch):
     monkeypatch.setenv(jobs.SLOTS_ENV["cpu"], "0")  # hold the queue: nothing starts
-    first = jobs.submit(tiny, name="../../etc/passwd", idempotency_key="form-1")
-    again = jobs.submit(tiny, name="../../etc/passwd", idempotency_key="form-1")
-    other = jobs.submit(tiny, idempotency_key="form-2")
+    first = submit(tiny, name="../../etc/passwd", idempotency_key="form-1")
+    again = submit(tiny, name="../../etc/passwd", idempotency_key="form-1")
+    other = submit(tiny, idempotency_key="form-2")
     assert again.id == first.id != other.id
     assert first.folder.parent == root and "/" not in first.id and ".." not in first.id
     assert first.spec["name"] == "etc-passwd" and other.spec["name"] == "widget-efficientnet_lite0"
@@ -104,7 +169,10 @@ def test_cli_commands(root, tiny, monkeypatch, capsys):
                  "--dataset", "fake"]) == 0
     job_id = capsys.readouterr().out.split("\t")[0]
     assert jobs.get(job_id).spec["dataset"] == "fake"
-    assert jobs.get(job_id).spec["train_args"] == [*tiny, "--epochs", "2"]
+    spec = jobs.get(job_id).spec
+    assert spec["command"] == f"python -m rd train {shlex.join([*tiny, '--epochs', '2'])}"
+    assert TrainConfig.from_dict(spec["config"]) == TrainConfig(
+        image_size=64, batch_size=4, device="cpu", cache_teacher="on", epochs=2)
     assert main(["jobs", "list"]) == 0
     assert f"{job_id}  queued" in capsys.readouterr().out
     assert main(["jobs", "cancel", job_id]) == 0
@@ -119,8 +187,8 @@ def test_two_jobs_with_one_slot_run_in_order_then_ddp_on_two_processes(root, tin
     """Queueing, success and registration, and DDP: the same 2-epoch job on one process, then
     (queued behind it) on two torchrun processes with gloo."""
     args = [*tiny, "--epochs", "2"]
-    single = jobs.submit(args, name="single", dataset="one")
-    ddp = jobs.submit(args, name="ddp", dataset="two", nproc=2)
+    single = submit(args, name="single", dataset="one")
+    ddp = submit(args, name="ddp", dataset="two", nproc=2)
     assert (single.state, ddp.state) == ("running", "queued")
     single = _wait(single.id, ("succeeded", "failed"))
     ddp = _wait(ddp.id, ("succeeded", "failed"), timeout=240)
@@ -150,7 +218,7 @@ def test_two_jobs_with_one_slot_run_in_order_then_ddp_on_two_processes(root, tin
 
 
 def test_cancel_stops_after_a_step_and_keeps_the_resume_state(root, tiny):
-    job = jobs.submit([*tiny, "--epochs", "500", "--checkpoint-every", "1"])
+    job = submit([*tiny, "--epochs", "500", "--checkpoint-every", "1"])
     _wait(job.id, ("running",), records=1)
     jobs.cancel(job.id)
     job = _wait(job.id, ("cancelled",), timeout=60)
@@ -162,7 +230,7 @@ def test_cancel_stops_after_a_step_and_keeps_the_resume_state(root, tiny):
 
 
 def test_kill_9_marks_interrupted_and_resume_continues_the_epoch_count(root, tiny):
-    job = jobs.submit([*tiny, "--epochs", "12", "--checkpoint-every", "1"])
+    job = submit([*tiny, "--epochs", "12", "--checkpoint-every", "1"])
     job = _wait(job.id, ("running",), records=3)
     os.kill(job.status["pid"], signal.SIGKILL)
     job = _wait(job.id, ("interrupted",), timeout=30)

@@ -6,7 +6,6 @@ from safetensors.torch import save_file
 
 from rd.checkpoints import (
     CheckpointError,
-    atomic_write,
     load_checkpoint,
     read_metadata,
     reference_to_student,
@@ -14,6 +13,7 @@ from rd.checkpoints import (
     update_metadata,
 )
 from rd.data import HALF, Preprocess
+from rd.files import atomic_write
 from rd.model import build_model
 
 META = {"preprocess": Preprocess(64, HALF, HALF).to_dict(), "fusion": "sum",

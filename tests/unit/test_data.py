@@ -562,3 +562,53 @@ def test_real_hazelnut(shared_mvtec: Path) -> None:
     item = dataset[[s.label for s in test].index(1)]
     assert item["image"].shape == (3, 256, 256)
     assert item["mask"].sum() > 0
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data): what a decompression bomb's
+    few hundred kilobytes look like before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_uploads_have_their_own_lower_pixel_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13 item 8: a 79-megapixel upload was decoded (0.5-0.9 GB); now refused from the
+    header, with the setting that raises the cap named."""
+    from rd.data import read_image_bytes
+
+    with pytest.raises(ImageError, match=r"79,000,000 pixels, over the limit of 25,000,000.*"
+                                         r"RD_MAX_UPLOAD_PIXELS"):
+        read_image_bytes(_png_header(10_000, 7_900), "bomb.png")
+    monkeypatch.setenv("RD_MAX_UPLOAD_PIXELS", "1000")
+    buffer = __import__("io").BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    with pytest.raises(ImageError, match="over the limit of 1,000"):
+        read_image_bytes(buffer.getvalue(), "small.png")
+    monkeypatch.setenv("RD_MAX_UPLOAD_PIXELS", "lots")
+    with pytest.raises(DataError, match=r"\$RD_MAX_UPLOAD_PIXELS must be a positive whole"):
+        read_image_bytes(buffer.getvalue(), "small.png")
+
+
+def test_limit_messages_name_settings_that_exist(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13 item 10: "raise max_pixels" and "allow_missing_masks=True" named no flag."""
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setenv("RD_MAX_PIXELS", "1000")
+    with pytest.raises(ImageError, match="environment variable RD_MAX_PIXELS=<pixels>") as info:
+        read_image(path)
+    assert "max_pixels" not in str(info.value)
+    monkeypatch.setenv("RD_MAX_PIXELS", "5000")
+    assert read_image(path).size == (64, 64)
+    root = make_fake_mvtec(tmp_path / "data")
+    next((root / "widget" / "ground_truth" / "hole").iterdir()).unlink()
+    with pytest.raises(DataError, match="pass --allow-missing-masks to skip") as info:
+        MVTecCategory(root, "widget").test_samples()
+    assert "=True" not in str(info.value)

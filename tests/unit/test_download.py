@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from rd import download
+from rd.cli.data import add_download_parser
 from rd.download import (
     ARCHIVES,
     LICENCE,
@@ -409,7 +410,7 @@ def test_given_archive_is_unpacked_without_network(widget, tmp_path, capsys):
 
 def test_cli_download_and_its_errors(widget, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    download.add_parser(parser.add_subparsers(dest="command", required=True))
+    add_download_parser(parser.add_subparsers(dest="command", required=True))
     root = tmp_path / "root"
     args = parser.parse_args(["download", "mvtec", "--category", "widget", "--root", str(root),
                               "--base-url", widget.url, "--quiet"])
@@ -428,3 +429,42 @@ def test_the_table_lists_fifteen_official_archives():
         assert entry.url.endswith(f"/download/{entry.url.split('/')[-2]}/{category}.tar.xz")
         assert len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
         assert entry.size is None or abs(entry.size / 2**20 - entry.mib) < 1
+
+
+# ------------------------------------------------------------- issue 13 item 12
+
+
+def test_an_archive_unpacking_past_its_cap_is_refused_before_writing(tmp_path):
+    """A small archive of highly compressible members (a zip-bomb's shape) fills no disk."""
+    bomb = _tar(*WIDGET, _file("widget/train/good/zeros.png", bytes(2_000_000)))
+    archive = _write(tmp_path / "widget.tar.xz", bomb)
+    assert len(bomb) < 10_000
+    with pytest.raises(DownloadError, match=r"unpacks to more than 1\.0 MB .*zeros\.png"):
+        safe_extract(archive, tmp_path / "root", max_unpacked=1_000_000)
+    assert _tree(tmp_path / "root") == []
+    assert safe_extract(archive, tmp_path / "root") == [tmp_path / "root" / "widget"]
+
+
+def test_each_run_stages_in_its_own_folder(tmp_path, monkeypatch):
+    """Two runs unpacking the same archive once shared (and deleted) one staging folder."""
+    import os
+
+    import rd.download
+
+    root = tmp_path / "root"
+    running = root / f".extracting-{os.getpid()}-other"  # a concurrent run of this process
+    abandoned = root / ".extracting-999999999-killed"  # a run that no longer exists
+    old = root / ".extracting-widget.tar.xz"  # the shared name older versions used
+    for folder in (running, abandoned, old):
+        _write(folder / "widget/train/good/000.png", b"x")
+    seen = []
+    real = rd.download._extract_checked
+
+    def spy(archive, staging, folders, budget):
+        seen.append(staging)
+        return real(archive, staging, folders, budget)
+
+    monkeypatch.setattr(rd.download, "_extract_checked", spy)
+    safe_extract(_write(tmp_path / "widget.tar.xz", WIDGET_TAR), root)
+    assert seen[0] not in (running, abandoned, old) and not seen[0].exists()
+    assert running.is_dir() and not abandoned.exists() and not old.exists()

@@ -339,3 +339,74 @@ def test_score_statistics():
     assert stats["p99"] == pytest.approx(np.percentile(scores, 99))
     with pytest.raises(ValueError, match="empty"):
         score_statistics([])
+
+
+def _grouped_case(seed: int, levels: int | None = None):
+    """Normal images (group "") and three defect types of several images each."""
+    masks, maps = _random_case(seed, n=13, size=24, levels=levels)
+    masks[:4] = False  # four normal images
+    groups = np.array(["", "", "", ""] + ["crack", "hole", "scratch"] * 3)
+    return masks, maps, groups
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("levels", [None, 5])
+def test_shared_sort_report_equals_the_functions_before_it(seed, levels):
+    """Issue 12: one sort shared by the whole report; every number equal to the old
+    per-call functions (tests/unit/metrics_before_shared_sort.py) within 1e-6."""
+    from rd.metrics import PixelScores
+    from tests.unit import metrics_before_shared_sort as before
+
+    masks, maps, groups = _grouped_case(seed, levels)
+    pixels = PixelScores(masks, maps, groups)
+    assert pixels.auroc() == pytest.approx(before.pixel_auroc(masks, maps), abs=1e-12)
+    assert pixels.au_pro() == pytest.approx(before.au_pro(masks, maps), abs=1e-6)
+    new_fpr, new_pro = pixels.pro_curve()
+    old_fpr, old_pro = before.pro_curve(masks, maps)
+    np.testing.assert_array_equal(new_fpr, old_fpr)
+    np.testing.assert_allclose(new_pro, old_pro, atol=1e-6, rtol=0)
+    for max_points in (1000, 20):
+        new_roc = pixels.roc_curve(max_points=max_points)
+        old_roc = before.pixel_roc_curve(masks, maps, max_points=max_points)
+        assert new_roc == old_roc
+    for defect in ("crack", "hole", "scratch"):
+        subset = (groups == "") | (groups == defect)
+        assert pixels.auroc(["", defect]) == pytest.approx(
+            before.pixel_auroc(masks[subset], maps[subset]), abs=1e-12)
+        assert pixels.au_pro(["", defect]) == pytest.approx(
+            before.au_pro(masks[subset], maps[subset]), abs=1e-6)
+        assert pixels.au_pro([defect, ""], fpr_limit=1.0) == pytest.approx(
+            before.au_pro(masks[subset], maps[subset], fpr_limit=1.0), abs=1e-6)
+
+
+def test_shared_sort_sorts_each_pixel_once(monkeypatch):
+    """The report's metrics sort the pixels once (per group), not once per metric."""
+    from rd import metrics
+
+    masks, maps, groups = _grouped_case(0)
+    calls = []
+    real_sort, real_argsort = np.sort, np.argsort
+    monkeypatch.setattr(metrics.np, "sort", lambda a, *k, **kw: calls.append(a.size)
+                        or real_sort(a, *k, **kw))
+    monkeypatch.setattr(metrics.np, "argsort", lambda a, *k, **kw: calls.append(a.size)
+                        or real_argsort(a, *k, **kw))
+    pixels = metrics.PixelScores(masks, maps, groups)
+    pixels.auroc(), pixels.au_pro(), pixels.roc_curve()
+    for defect in ("crack", "hole", "scratch"):
+        pixels.auroc(["", defect]), pixels.au_pro(["", defect])
+    assert sum(calls) == masks.size
+
+
+def test_pixel_scores_errors():
+    from rd.metrics import PixelScores
+
+    masks, maps, groups = _grouped_case(0)
+    with pytest.raises(ValueError, match="one key per image"):
+        PixelScores(masks, maps, groups[:3])
+    pixels = PixelScores(masks, maps, groups)
+    with pytest.raises(ValueError, match="unknown image groups"):
+        pixels.auroc(["", "dent"])
+    with pytest.raises(ValueError, match="only normal"):
+        pixels.auroc([""])
+    with pytest.raises(ValueError, match="no anomalous region"):
+        pixels.au_pro([""])

@@ -23,7 +23,7 @@ from rd.data import (
     render_sample,
     synthetic,
 )
-from rd.paths import data_home
+from rd.files import data_home
 
 SMALL = {"n_train": 2, "n_test_good": 2, "n_per_defect": 2}
 

@@ -94,3 +94,96 @@ def test_defaults_are_the_paper_recipe():
     config = TrainConfig()
     assert (config.image_size, config.epochs, config.batch_size, config.lr, config.betas,
             config.seed) == (256, 200, 16, 0.005, (0.5, 0.999), 111)
+
+
+# ------------------------------------------------------------- issue 13: reliability cases
+
+
+@pytest.mark.parametrize("bad", [
+    {"lr": float("inf")}, {"lr": float("nan")}, {"betas": (0.5, float("inf"))},
+    {"betas": (float("nan"), 0.9)}, {"image_size": 5_000_000}, {"device": "banana"},
+    {"device": "mps"}, {"device": "meta"}, {"image_size": 64.0}, {"epochs": "3"},
+    {"image_size": 32, "batch_size": 1}, {"betas": (0.5,)},
+])
+def test_unusable_settings_are_refused_with_the_flag_named(samples, tmp_path, bad):
+    """Issue 13 items 5 and 9: inf/NaN settings, bad devices and huge sizes never train."""
+    with pytest.raises(TrainingError, match=r"--|device"):
+        train(samples, TrainConfig(**{**SMALL, **bad}), tmp_path / "x.safetensors",
+              progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(samples, tmp_path,
+                                                                       monkeypatch):
+    """Issue 13 item 5: the loss turning NaN ends the run with an error; epoch 1 stays."""
+    import rd.training
+
+    real_loss, calls = rd.training.reverse_distillation_loss, []
+
+    def loss_turning_nan(features, rebuilt):
+        calls.append(1)
+        loss = real_loss(features, rebuilt)
+        return loss * float("nan") if len(calls) > 3 else loss  # 3 steps = epoch 1 (12 / 4)
+
+    monkeypatch.setattr(rd.training, "reverse_distillation_loss", loss_turning_nan)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2.*epoch 1 are kept"):
+        train(samples, TrainConfig(epochs=3, checkpoint_every=1, **SMALL), out, progress=False)
+    from rd.checkpoints import read_metadata
+
+    assert read_metadata(out)["epochs_trained"] == 1
+    assert [json.loads(line)["epoch"] for line in log_path(out).read_text().splitlines()] == [1]
+
+
+def test_a_last_batch_of_one_at_32_px_is_merged(samples, tmp_path):
+    """Issue 13 item 11: 9 images at batch 8 and 32 px trained into a batch-norm error."""
+    from rd.training import World, _steps
+
+    assert [size for _, size in _steps(list(range(17)), 16, World(), 32)] == [17]
+    assert [size for _, size in _steps(list(range(17)), 16, World(), 64)] == [16, 1]
+    assert [size for _, size in _steps(list(range(18)), 16, World(), 32)] == [16, 2]
+    result = train(samples[:9], TrainConfig(**{**SMALL, "image_size": 32, "batch_size": 8,
+                                                "epochs": 1}),
+                   tmp_path / "m.safetensors", progress=False)
+    assert result.epochs_trained == 1
+
+
+def test_a_second_run_on_the_same_output_is_refused(samples, tmp_path):
+    """Issue 13 item 4: two runs with one --out interleaved their logs; the second now stops."""
+    import fcntl
+    import os
+
+    from rd.training import lock_path
+
+    out = tmp_path / "m.safetensors"
+    handle = os.open(lock_path(out), os.O_RDWR | os.O_CREAT)  # another run holding the lock
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(TrainingError, match="another training run is writing"):
+            train(samples, TrainConfig(epochs=1, **SMALL), out, progress=False)
+        assert not out.exists() and not log_path(out).exists()
+    finally:
+        os.close(handle)
+    train(samples, TrainConfig(epochs=1, **SMALL), out, progress=False)  # free again
+    assert out.is_file() and not lock_path(out).exists()
+
+
+def test_a_size_that_cannot_fit_in_memory_is_refused_with_the_need(samples, tmp_path,
+                                                                   monkeypatch):
+    """Issue 13 item 9: say how much memory the size needs and which size fits."""
+    import rd.training
+
+    monkeypatch.setattr(rd.training, "available_memory_bytes", lambda: 1 << 30)
+    with pytest.raises(TrainingError, match=r"needs at least .* GiB.*--image-size \d+ or less"):
+        train(samples, TrainConfig(**{**SMALL, "image_size": 4096, "batch_size": 16}),
+              tmp_path / "m.safetensors", progress=False)
+
+
+def test_a_resume_state_without_its_epoch_is_a_clear_error(samples, tmp_path):
+    """Issue 13 item 9: a resume file missing 'epoch' said only "cannot resume: 'epoch'"."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "m.safetensors"
+    save_file({"x": torch.zeros(1)}, str(resume_path(out)), metadata={"recipe": "{}"})
+    with pytest.raises(TrainingError, match=r"lacks the 'epoch' field.*without --resume"):
+        train(samples, TrainConfig(epochs=2, **SMALL), out, resume=True, progress=False)

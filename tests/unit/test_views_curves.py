@@ -101,6 +101,23 @@ def test_score_histogram_splits_the_scores_and_marks_the_threshold():
     assert "0.5000" in figure.layout.annotations[0].text
 
 
+def test_score_histogram_bins_do_not_move_with_the_threshold():
+    normal, defective = [0.1, 0.2, 0.3], [0.8, 0.9]
+    bins = {threshold: score_histogram(normal, defective, threshold).data[0].xbins
+            for threshold in (0.05, 0.5, 1.5)}
+    assert len({(b.start, b.end, b.size) for b in bins.values()}) == 1
+    wide = score_histogram(normal, defective, 1.5).layout.xaxis.range
+    assert wide[0] < 0.1 and wide[1] > 1.5  # a threshold beyond the scores stays in view
+
+
+def test_auroc_labels_and_small_classes():
+    from app.views.curves import auroc_label, small_classes
+
+    assert auroc_label("hole", 0.9312) == "hole · AUROC 93.1"
+    assert auroc_label("hole", None) == "hole · AUROC —"
+    assert small_classes({"hole": 3, "crack": 5, "cut": 4}) == ["hole", "cut"]
+
+
 def test_review_groups_partition_the_images_sorted_by_margin(scored):
     labels, scores = scored
     images = [{"path": f"{i}.png", "defect": "good" if y == 0 else "bad", "label": int(y),
@@ -135,7 +152,8 @@ def test_novelty_summary_reads_a_novelty_report():
     rows, curves = novelty_summary(report)
     assert [(r["class"], r["AUROC %"], r["paper %"]) for r in rows] == [("0 0", 97.0, 99.9),
                                                                        ("1 1", 91.0, 98.0)]
-    assert list(curves) == ["0 0", "1 1"] and curves["1 1"] is roc
+    assert list(curves) == ["0 0 · AUROC 97.0", "1 1 · AUROC 91.0"]
+    assert curves["1 1 · AUROC 91.0"] is roc
     with pytest.raises(ValueError, match="not a novelty report"):
         novelty_summary({"image_auroc": 0.9})
     with pytest.raises(ValueError, match="no finished class"):

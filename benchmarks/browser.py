@@ -1,0 +1,279 @@
+"""The studio as a user feels it: click → pixels in a real browser (Playwright + Chromium).
+
+Starts ``streamlit run app/main.py`` on a free 127.0.0.1 port with its own data home and times,
+from the user's action until the new pictures are loaded and the app has settled (no script
+running, no stale element):
+
+- first thumbnails on a fresh server with an empty data home, then after a warm restart;
+- open an image → all its maps drawn; next / previous; a threshold move on Evaluate;
+- the first switch to another built-in category; Review's first gallery.
+
+One-off steps (fresh, warm, category switch, Review) run once per server; repeated interactions
+are timed ``--repeats`` times and reported by their median.
+
+    python -m benchmarks.browser [--quick] [--home DIR] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+VIEWPORT = {"width": 1600, "height": 1400}
+START_TIMEOUT_S = 180
+DETAIL_CAPTIONS = ("overlay", "layer 1 · stride 4", "layer 2 · stride 8", "layer 3 · stride 16",
+                   "fused heat map")
+TARGETS_S = {"first thumbnails (fresh home)": 8.0, "first thumbnails (warm restart)": 3.0,
+             "open image → maps settled": 1.0, "next image": 1.0, "previous image": 1.0,
+             "threshold move": 0.5, "first switch to another category": 5.0,
+             "Review: first gallery": 5.0}
+SETTLED = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  return app !== null && app.getAttribute('data-test-script-state') === 'notRunning'
+    && document.querySelector('[data-stale="true"]') === null;
+}"""
+IMAGES_LOADED = """(selector) => {
+  const images = [...document.querySelectorAll(selector)];
+  return images.length > 0 && images.every(img => img.complete && img.naturalWidth > 0);
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(home: Path, log: Path) -> Iterator[str]:
+    """``streamlit run app/main.py`` on localhost with RD_HOME=home; yields its URL once
+    healthy, stops it (and only it) afterwards."""
+    port = free_port()
+    env = {**os.environ, "RD_HOME": str(home)}
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless",
+             "true", "--server.address", "127.0.0.1", "--server.port", str(port),
+             "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not _healthy(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"streamlit did not start:\n{log.read_text()}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+            return reply.read().strip() == b"ok"
+    except OSError:
+        return False
+
+
+def launch(playwright: Any) -> Any:
+    """Debian's Chromium (the download of ``playwright install`` does not work offline)."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+def settle(page: Any, timeout_s: float = 180) -> None:
+    """Wait until the app runs no script and shows no stale element."""
+    page.wait_for_timeout(50)  # let a click reach the server before asking
+    page.wait_for_function(SETTLED, timeout=timeout_s * 1000)
+
+
+def go_to(page: Any, name: str) -> None:
+    """Open a page through the sidebar's navigation and wait for its title."""
+    page.locator('[data-testid="stSidebarNavLink"]', has_text=name).click()
+    page.get_by_role("heading", name=name, exact=True).wait_for()
+
+
+def _images_loaded(page: Any, selector: str, timeout_s: float = 180) -> None:
+    page.wait_for_function(IMAGES_LOADED, arg=selector, timeout=timeout_s * 1000)
+
+
+def _detail_selector(caption: str) -> str:
+    return f'[data-testid="stImage"]:has-text("{caption}") img'
+
+
+def wait_for_detail(page: Any, title: str) -> None:
+    """The detail of ``title`` is on screen: its heading, and every map loaded."""
+    page.get_by_role("heading", name=title, exact=True).wait_for()
+    for caption in DETAIL_CAPTIONS:
+        _images_loaded(page, _detail_selector(caption))
+    settle(page)
+
+
+def first_thumbnails(page: Any, url: str) -> float:
+    """Navigate to the app; seconds until the first thumbnails of the grid are loaded."""
+    start = time.perf_counter()
+    page.goto(url)
+    page.get_by_role("button", name="Open image", exact=True).first.wait_for(
+        timeout=START_TIMEOUT_S * 1000)
+    _images_loaded(page, '[data-testid="stImage"] img')
+    return time.perf_counter() - start
+
+
+def timed(action: Callable[[], None], wait: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    action()
+    wait()
+    return time.perf_counter() - start
+
+
+def _titles(page: Any) -> list[str]:
+    """The grid's images in order, as the detail heading names them (defect/file)."""
+    captions = page.locator('[data-testid="stImage"]', has=page.locator("img")).all_inner_texts()
+    return [c.split(" · ")[0].strip() for c in captions if "/" in c]
+
+
+def inspect_steps(page: Any, repeats: int) -> dict[str, list[float]]:
+    """Open image, next and previous, each ``repeats`` times."""
+    times: dict[str, list[float]] = {"open image → maps settled": [], "next image": [],
+                                     "previous image": []}
+    titles = _titles(page)
+    buttons = page.get_by_role("button", name="Open image", exact=True)
+    for index in range(repeats):
+        target = (2 * index + 1) % len(titles)
+        times["open image → maps settled"].append(timed(
+            lambda target=target: buttons.nth(target).click(),
+            lambda target=target: wait_for_detail(page, titles[target])))
+        following = (target + 1) % len(titles)
+        times["next image"].append(timed(
+            lambda: page.get_by_role("button", name="Next").click(),
+            lambda following=following: wait_for_detail(page, titles[following])))
+        times["previous image"].append(timed(
+            lambda: page.get_by_role("button", name="Previous").click(),
+            lambda target=target: wait_for_detail(page, titles[target])))
+    return times
+
+
+def threshold_moves(page: Any, repeats: int) -> list[float]:
+    """Evaluate: move the threshold slider one step with the keyboard until the page settles
+    with the new value drawn."""
+    go_to(page, "Evaluate")
+    page.locator(".js-plotly-plot").first.wait_for(timeout=START_TIMEOUT_S * 1000)
+    settle(page)
+    thumb = page.get_by_role("slider").first
+    times = []
+    for index in range(repeats):
+        before = page.get_by_text("At threshold").first.inner_text()
+        key = "ArrowRight" if index % 2 == 0 else "ArrowLeft"
+
+        def wait(before: str = before) -> None:
+            page.wait_for_function(
+                "text => [...document.querySelectorAll('p')].some(p => p.innerText"
+                ".startsWith('At threshold') && p.innerText !== text)", arg=before)
+            settle(page)
+
+        times.append(timed(lambda key=key: thumb.press(key), wait))
+    return times
+
+
+def switch_category(page: Any, category: str) -> float:
+    """Inspect: pick another category in the sidebar; seconds to its first thumbnails."""
+    go_to(page, "Inspect")
+    settle(page)
+    box = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]',
+                       has_text="Category")
+    box.click()
+    start = time.perf_counter()
+    page.get_by_role("option", name=category, exact=True).click()
+    page.locator('[data-testid="stImage"]', has_text="good/").first.wait_for(
+        timeout=START_TIMEOUT_S * 1000)
+    page.get_by_text(f"/ {category} ·").first.wait_for(timeout=START_TIMEOUT_S * 1000)
+    _images_loaded(page, '[data-testid="stImage"] img')
+    settle(page)
+    return time.perf_counter() - start
+
+
+def review_gallery(page: Any) -> float:
+    """Seconds from the Review link to the first gallery's pictures."""
+    start = time.perf_counter()
+    go_to(page, "Review")
+    page.locator('[data-testid="stImage"]').first.wait_for(timeout=START_TIMEOUT_S * 1000)
+    _images_loaded(page, '[data-testid="stImage"] img')
+    return time.perf_counter() - start
+
+
+def run(home: Path, logs: Path, repeats: int, category: str) -> dict[str, list[float]]:
+    """One fresh server on ``home`` (empty or not) and a warm restart on the same home."""
+    from playwright.sync_api import sync_playwright
+
+    times: dict[str, list[float]] = {}
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        for phase in ("fresh home", "warm restart"):
+            with serve(home, logs / f"streamlit-{phase.split()[0]}.log") as url:
+                page = browser.new_page(viewport=VIEWPORT)
+                page.set_default_timeout(START_TIMEOUT_S * 1000)
+                times[f"first thumbnails ({phase})"] = [first_thumbnails(page, url)]
+                if phase == "warm restart":
+                    for name, values in inspect_steps(page, repeats).items():
+                        times[name] = values
+                    times["threshold move"] = threshold_moves(page, repeats)
+                    times["first switch to another category"] = [switch_category(page,
+                                                                                 category)]
+                    times["Review: first gallery"] = [review_gallery(page)]
+                page.close()
+        browser.close()
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import base_parser, print_table, write_json
+
+    parser = base_parser(__doc__.splitlines()[0], "runs/benchmarks/browser.json")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="times each repeated interaction is measured (default 5)")
+    parser.add_argument("--category", default="wood",
+                        help="the built-in category switched to (default wood)")
+    parser.add_argument("--home", type=Path,
+                        help="data home (default: a new empty one, removed afterwards)")
+    args = parser.parse_args(argv)
+    if not CHROMIUM.exists():
+        parser.error(f"{CHROMIUM} is missing: install Debian's chromium")
+    repeats = 1 if args.quick else args.repeats
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="rd-browser-") as folder:
+        home = args.home or Path(folder) / "home"
+        times = run(home, Path(folder), repeats, args.category)
+    load_after = os.getloadavg()
+    rows = [[name, statistics.median(values), min(values), max(values), len(values),
+             TARGETS_S.get(name)] for name, values in times.items()]
+    print_table("Studio in Chromium: click → pixels settled, seconds",
+                ["interaction", "median", "min", "max", "n", "target"], rows)
+    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
+    write_json(args.json, {"times_s": times, "targets_s": TARGETS_S, "repeats": repeats,
+                           "category": args.category, "load_before": load_before,
+                           "load_after": load_after,
+                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Checkpoint commands: ``import-reference``, ``info`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from rd.backbones import list_backbones
+from rd.checkpoints import import_reference, read_metadata
+from rd.detector import load
+from rd.export import (
+    DEFAULT_OPSET,
+    FORMATS,
+    OUTPUT_NAMES,
+    TOLERANCE,
+    ExportError,
+    export_onnx,
+    verify_onnx,
+)
+from rd.model import parameter_counts
+from rd.outputs import check_outputs
+from rd.training import check_image_size
+
+
+def add_import_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("import-reference", help="convert a reference-code checkpoint",
+                            description="Read {'bn': ..., 'decoder': ...} (weights_only) and "
+                            "write our safetensors checkpoint.")
+    p.add_argument("reference", type=Path)
+    p.add_argument("--backbone", required=True, choices=list_backbones())
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--category")
+    p.add_argument("--teacher-weights", type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_import_reference)
+
+
+def cmd_import_reference(args: argparse.Namespace) -> int:
+    check_image_size(args.image_size)  # a size predict cannot use must not be imported
+    check_outputs([args.out], [args.reference, args.teacher_weights], args.overwrite)
+    meta = import_reference(args.reference, args.backbone, args.out, args.image_size,
+                            args.teacher_weights, args.category)
+    print(f"imported {args.reference} -> {args.out} ({meta['backbone']}, "
+          f"{meta['preprocess']['size']} px)")
+    return 0
+
+
+def add_export_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "export", help="export a checkpoint's whole inference graph (ONNX)",
+        description="Write teacher + student + maps + blur + score as one ONNX file with a "
+        "dynamic batch axis; input 'images' (N, 3, S, S) preprocessed as the checkpoint says "
+        "(see the file's rd.preprocess metadata), outputs layer_maps, fused, scores.")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--out", type=Path, required=True, help="file to write (.onnx)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
+    p.add_argument("--verify", action="store_true",
+                   help="run the file with onnxruntime and compare with torch (max diff 1e-4)")
+    p.add_argument("--device", default="cpu", help="device to trace on (default cpu)")
+    p.add_argument("--teacher-weights", type=Path)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    check_outputs([args.out], [args.checkpoint, args.teacher_weights], args.overwrite)
+    detector = load(args.checkpoint, args.device, args.teacher_weights)
+    path = export_onnx(detector, args.out, args.opset)
+    print(f"exported {args.checkpoint} -> {path} ({path.stat().st_size / 2**20:.1f} MiB, "
+          f"opset {args.opset}, input 'images' (N, 3, {detector.image_size}, "
+          f"{detector.image_size}), outputs {', '.join(OUTPUT_NAMES)})")
+    if args.verify:
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.randn(3, 3, detector.image_size, detector.image_size, generator=generator)
+        differences = verify_onnx(path, detector, sample)
+        worst = max(differences.values())
+        print("onnxruntime vs torch, max abs difference: " +
+              ", ".join(f"{name} {value:.2e}" for name, value in differences.items()))
+        if worst > TOLERANCE:
+            raise ExportError(f"the exported graph differs from torch by {worst:.2e} "
+                              f"(> {TOLERANCE:g})")
+    return 0
+
+
+def add_info_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("info", help="parameter counts, or a checkpoint's metadata",
+                            description="info --backbone B: parameter counts (no weights "
+                            "needed); info CKPT: the checkpoint's metadata.")
+    p.add_argument("checkpoint", nargs="?", type=Path)
+    p.add_argument("--backbone", choices=list_backbones())
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.checkpoint is None and args.backbone is None:
+        raise ValueError("give a checkpoint file or --backbone B")
+    if args.checkpoint is not None:
+        print(json.dumps(read_metadata(args.checkpoint), indent=1, sort_keys=True))
+        return 0
+    counts = parameter_counts(args.backbone)
+    labels = {"teacher_network": "teacher (whole network)",
+              "teacher_used": "teacher (layers used)",
+              "bottleneck": "OCBE bottleneck", "decoder": "decoder"}
+    for key, label in labels.items():
+        print(f"{label:<26}{counts[key]:>14,}")
+    print(f"{'student (OCBE + decoder)':<26}{counts['bottleneck'] + counts['decoder']:>14,}")
+    return 0

@@ -1,0 +1,55 @@
+"""``python -m rd evaluate``: the metrics of a checkpoint on a test set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rd.cli.common import (
+    add_data_options,
+    add_inference_options,
+    inference_options,
+    open_data,
+    print_table,
+    write_json,
+)
+from rd.detector import load
+from rd.evaluation import evaluate
+from rd.outputs import check_outputs
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("evaluate", help="metrics of a checkpoint on a test set",
+                            description="Print a metrics table; --json writes the full report.")
+    add_data_options(p)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--json", type=Path, help="write the full report here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--legacy-pro", action="store_true",
+                   help="also compute the reference code's per-image PRO")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--teacher-weights", type=Path)
+    p.add_argument("--quiet", action="store_true")
+    add_inference_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.json:
+        check_outputs([args.json], [args.checkpoint, args.teacher_weights], args.overwrite)
+    data = open_data(args)
+    test = data.test_samples()
+    detector = load(args.checkpoint, args.device, args.teacher_weights,
+                    **inference_options(args))
+    detector.batch_size = args.batch_size
+    report = evaluate(detector, test, legacy_pro=args.legacy_pro, progress=not args.quiet,
+                      workers=args.workers)
+    report["checkpoint"] = str(args.checkpoint)
+    report["category"] = getattr(data, "category", None)
+    print_table(report)
+    if args.json:
+        write_json(args.json, report)
+        print(f"report {args.json}")
+    return 0

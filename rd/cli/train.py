@@ -1,0 +1,78 @@
+"""``python -m rd train``: train a student, evaluate it and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from rd.backbones import DEFAULT_BACKBONE, list_backbones
+from rd.cli.common import add_data_options, open_data, print_table
+from rd.pipeline import train_and_evaluate
+from rd.training import TrainConfig
+
+
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    p = commands.add_parser("train", help="train a student on normal images",
+                            description="Train with the paper's recipe (options change it).")
+    add_data_options(p)
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=list_backbones())
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--image-size", type=int, default=defaults.image_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--betas", type=float, nargs=2, default=list(defaults.betas))
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--cache-teacher", default="auto", choices=["auto", "on", "off"],
+                   help="compute the frozen teacher's features once (exact; auto: if they fit)")
+    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--teacher-weights", type=Path, help="teacher weights file (state dict)")
+    p.add_argument("--init", type=Path, help="fine-tune from this checkpoint's student")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the teacher's mean/std to the input (default); "
+                   "--no-normalize feeds pixels in [0, 1]")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-evaluate", action="store_true", help="skip the final test-set report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that the train options describe (validated)."""
+    config = TrainConfig(
+        backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, betas=tuple(args.betas), seed=args.seed,
+        device=args.device, amp=args.amp, cache_teacher=args.cache_teacher,
+        checkpoint_every=args.checkpoint_every, workers=args.workers,
+        teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
+        init=str(args.init) if args.init else None, normalize=args.normalize)
+    config.validate()
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    data = open_data(args)
+    config = train_config(args)
+    outcome = train_and_evaluate(
+        data, config, args.out, resume=args.resume, overwrite=args.overwrite,
+        evaluate_after=not args.no_evaluate, progress=not args.quiet,
+        metadata={"command": shlex.join(["python", "-m", "rd", *args.argv])})
+    result = outcome.result
+    if result.rank:
+        return 0  # under torchrun, rank 0 alone reports and evaluates
+    print(f"trained {result.epochs_trained} epochs in {result.seconds:.1f} s; "
+          f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}; "
+          f"checkpoint {args.out}")
+    if outcome.not_evaluated:
+        print(f"not evaluated: {outcome.not_evaluated}")
+    if outcome.report is not None:
+        print_table(outcome.report)
+        print(f"report {outcome.report_path}")
+    return 0

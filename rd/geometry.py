@@ -1,0 +1,270 @@
+"""Input geometry: how an image of any size and aspect becomes model inputs, and maps come back.
+
+- ``squash`` (the paper, the default): resize to S×S whatever the aspect ratio.
+- ``letterbox``: keep the aspect ratio, scale the long side to S and pad to the square; the
+  padding is masked out of the maps, the score and the training loss.
+- ``tile``: scale the image by ``tile_scale`` (1 = native pixels), cover it with S×S tiles that
+  overlap by ``overlap`` of a tile; train on the tiles of normal images, and at inference stitch
+  the per-layer maps (overlaps averaged), then fuse, blur and score the whole image.
+
+Maps of ``letterbox`` and ``tile`` come back at the original image size. The geometry is stored
+in the checkpoint's metadata (key ``geometry``; absent means ``squash``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from rd.data.images import ImageSource, read_image
+from rd.data.mvtec import ImageDataset, Sample
+from rd.data.transforms import Preprocess
+from rd.maps import fuse, gaussian_blur, layer_maps
+
+RESIZE_MODES = ("squash", "letterbox", "tile")
+ImageTransform = Callable[[Image.Image, int], Image.Image]  # (image, seed) -> image
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How images are fitted to the model's square input (see the module's notes)."""
+
+    mode: str = "squash"
+    tile_scale: float = 1.0  # tile: the image is scaled by this before tiling (1 = native)
+    overlap: float = 0.25  # tile: share of a tile's side overlapping its neighbour
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.mode!r}; choose one of {RESIZE_MODES}")
+        if not 0 < self.tile_scale <= 4:
+            raise ValueError(f"tile scale must lie in (0, 4], got {self.tile_scale}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"tile overlap must lie in [0, 1), got {self.overlap}")
+
+    @property
+    def is_paper(self) -> bool:
+        return self.mode == "squash"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "tile_scale": self.tile_scale, "overlap": self.overlap}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> Geometry:
+        """The geometry a checkpoint was trained with (``squash`` when none is recorded)."""
+        data = metadata.get("geometry") or {}
+        return cls(data.get("mode", "squash"), float(data.get("tile_scale", 1.0)),
+                   float(data.get("overlap", 0.25)))
+
+    # ------------------------------------------------------------------ one image -> inputs
+
+    def inputs(self, image: Image.Image, preprocess: Preprocess) -> Inputs:
+        """The model inputs of one RGB image, with where they lie in the (scaled) image."""
+        size = preprocess.size
+        if self.mode == "squash":
+            return Inputs(preprocess(image).unsqueeze(0), torch.ones(1, 1, size, size),
+                          [(0, 0)], (size, size), (size, size))
+        if self.mode == "letterbox":
+            top, left, height, width = letterbox_box(image.height, image.width, size)
+            canvas, valid = _padded(image.resize((width, height), Image.Resampling.BILINEAR),
+                                    preprocess, (size, size), (top, left))
+            return Inputs(canvas.unsqueeze(0), valid.unsqueeze(0), [(0, 0)], (size, size),
+                          (height, width), (top, left))
+        height = max(1, round(image.height * self.tile_scale))
+        width = max(1, round(image.width * self.tile_scale))
+        scaled = image if (height, width) == (image.height, image.width) else image.resize(
+            (width, height), Image.Resampling.BILINEAR)
+        canvas_hw = (max(height, size), max(width, size))
+        canvas, valid = _padded(scaled, preprocess, canvas_hw, (0, 0))
+        corners = [(y, x) for y in tile_starts(canvas_hw[0], size, self.overlap)
+                   for x in tile_starts(canvas_hw[1], size, self.overlap)]
+        tiles = torch.stack([canvas[:, y:y + size, x:x + size] for y, x in corners])
+        valids = torch.stack([valid[:, y:y + size, x:x + size] for y, x in corners])
+        return Inputs(tiles, valids, corners, canvas_hw, (height, width))
+
+
+@dataclass
+class Inputs:
+    """Model inputs of one image: S×S tensors, their valid pixels and their place."""
+
+    images: torch.Tensor  # (T, 3, S, S)
+    valid: torch.Tensor  # (T, 1, S, S) 1 on image pixels, 0 on padding
+    corners: list[tuple[int, int]]  # top-left of each input in the canvas
+    canvas: tuple[int, int]  # (h, w) of the canvas the inputs tile
+    content: tuple[int, int]  # (h, w) of the image's pixels in the canvas
+    offset: tuple[int, int] = (0, 0)  # where the content starts in the canvas
+
+
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of an image scaled to fit size×size, centred."""
+    scale = size / max(height, width)
+    new_h = min(size, max(1, round(height * scale)))
+    new_w = min(size, max(1, round(width * scale)))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
+
+
+def tile_starts(length: int, size: int, overlap: float) -> list[int]:
+    """Starts of size-long tiles covering 0..length, evenly spread, overlapping >= overlap."""
+    if length <= size:
+        return [0]
+    stride = max(1, int(size * (1 - overlap)))
+    count = math.ceil((length - size) / stride) + 1
+    return [round(i * (length - size) / (count - 1)) for i in range(count)]
+
+
+def _padded(image: Image.Image, preprocess: Preprocess, canvas: tuple[int, int],
+            offset: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image placed at ``offset`` on a canvas of zeros (the mean colour), and the
+    (1, h, w) mask of its pixels."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    tensor = pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float32).view(3, 1, 1)
+    tensor = tensor.sub_(mean).div_(std)
+    out = torch.zeros(3, *canvas)
+    valid = torch.zeros(1, *canvas)
+    top, left = offset
+    out[:, top:top + image.height, left:left + image.width] = tensor
+    valid[:, top:top + image.height, left:left + image.width] = 1
+    return out, valid
+
+
+# ------------------------------------------------------------------------- maps and scores
+
+
+def masked_blur(fused: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of (N, H, W) maps that ignores padding: the blur of the map inside
+    ``valid`` normalised by the blur of ``valid`` (padding values never leak in). Where every
+    pixel is valid this is exactly ``gaussian_blur``."""
+    if bool((valid > 0).all()):
+        return gaussian_blur(fused)
+    inside = (valid > 0).to(fused.dtype)
+    weight = gaussian_blur(inside)
+    blurred = gaussian_blur(fused * inside) / weight.clamp_min(1e-12)
+    return blurred * inside
+
+
+def masked_scores(smoothed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The image score: the maximum of the smoothed map over valid pixels only."""
+    inside = (valid > 0).flatten(1)
+    return smoothed.flatten(1).masked_fill(~inside, float("-inf")).amax(dim=1)
+
+
+@dataclass
+class NativeMaps:
+    """Maps of one image at its original size."""
+
+    layer_maps: torch.Tensor  # (3, H, W)
+    fused: torch.Tensor  # (H, W) fused and smoothed
+    score: float
+
+
+@torch.no_grad()
+def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Preprocess,
+                   geometry: Geometry, fusion: str = "sum", chunk: int = 4,
+                   device: torch.device | None = None) -> NativeMaps:
+    """Maps of one image at its original size, the way ``geometry`` fits it to the model.
+
+    ``squash`` upsamples the paper's S×S maps; ``letterbox`` crops the padding away;
+    ``tile`` stitches the tiles' per-layer maps (overlaps averaged) before fusing and blurring.
+    """
+    rgb = read_image(image)
+    device = device or next(model.parameters()).device
+    inputs = geometry.inputs(rgb, preprocess)
+    size = preprocess.size
+    canvas_h, canvas_w = inputs.canvas
+    total = torch.zeros(1, 3, canvas_h, canvas_w, device=device)
+    counts = torch.zeros(1, 1, canvas_h, canvas_w, device=device)
+    for start in range(0, len(inputs.images), chunk):
+        batch = inputs.images[start:start + chunk].to(device)
+        features, rebuilt = model(batch)
+        maps = layer_maps(features, rebuilt, (size, size))
+        for index, tile_maps in enumerate(maps):
+            y, x = inputs.corners[start + index]
+            total[0, :, y:y + size, x:x + size] += tile_maps
+            counts[0, :, y:y + size, x:x + size] += 1
+    stitched = total / counts
+    canvas_valid = torch.zeros(1, canvas_h, canvas_w, device=device)
+    top, left = inputs.offset
+    height, width = inputs.content
+    canvas_valid[:, top:top + height, left:left + width] = 1
+    smoothed = masked_blur(fuse(stitched, fusion), canvas_valid)
+    score = float(masked_scores(smoothed, canvas_valid)[0])
+    crop = (slice(top, top + height), slice(left, left + width))
+    layers = stitched[0][:, crop[0], crop[1]]
+    fused = smoothed[0][crop]
+    if (height, width) != (rgb.height, rgb.width):
+        target = (rgb.height, rgb.width)
+        layers = F.interpolate(layers[None], size=target, mode="bilinear", align_corners=False)[0]
+        fused = F.interpolate(fused[None, None], size=target, mode="bilinear",
+                              align_corners=False)[0, 0]
+    return NativeMaps(layers, fused, score)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+class GeometryDataset(Dataset):
+    """Training inputs of normal images: one per image (letterbox) or per tile (tile), each
+    with its valid-pixel mask; optional image transforms give augmented copies."""
+
+    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess, geometry: Geometry,
+                 transforms: Sequence[ImageTransform | None] = (None,)) -> None:
+        self.samples = list(samples)
+        self.preprocess = preprocess
+        self.geometry = geometry
+        self.transforms = list(transforms)
+        self.items: list[tuple[int, int, int]] = []  # (sample, transform, input) indices
+        for s_index in range(len(self.samples)):
+            for t_index in range(len(self.transforms)):
+                count = len(self._inputs(s_index, t_index).images)
+                self.items += [(s_index, t_index, i) for i in range(count)]
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - tiles of one image are read in a row
+    def _inputs(self, s_index: int, t_index: int) -> Inputs:
+        image = read_image(self.samples[s_index].path)
+        transform = self.transforms[t_index]
+        if transform is not None:  # its random draws are a function of (image, transform)
+            image = transform(image, s_index * 1009 + t_index)
+        return self.geometry.inputs(image, self.preprocess)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s_index, t_index, i = self.items[index]
+        inputs = self._inputs(s_index, t_index)
+        return {"image": inputs.images[i], "valid": inputs.valid[i]}
+
+    def check(self) -> None:
+        """Every image was decoded when the items were listed."""
+
+
+def training_dataset(samples: Sequence[Sample], preprocess: Preprocess, geometry: Geometry,
+                     transforms: Sequence[ImageTransform | None] = (None,)) -> Dataset:
+    """The training set: the paper's ``ImageDataset`` unless a geometry or augmentation asks
+    for more (so the default recipe stays bit for bit what it was)."""
+    if geometry.is_paper and list(transforms) == [None]:
+        return ImageDataset(samples, preprocess)
+    return GeometryDataset(samples, preprocess, geometry, transforms)
+
+
+def masked_distillation_loss(teacher: list[torch.Tensor], student: list[torch.Tensor],
+                             valid: torch.Tensor) -> torch.Tensor:
+    """The reference loss (1 - cos of whole flattened maps) over valid positions only: each
+    layer's features are zeroed where the valid mask, pooled to that layer, is not full."""
+    loss = teacher[0].new_zeros((), dtype=torch.float32)
+    for t, s in zip(teacher, student, strict=True):
+        keep = (F.adaptive_avg_pool2d(valid.float(), t.shape[-2:]) > 0.999).to(torch.float32)
+        cosine = F.cosine_similarity((t.float() * keep).flatten(1), (s.float() * keep).flatten(1),
+                                     dim=1)
+        loss = loss + (1 - cosine).mean()
+    return loss

@@ -1,0 +1,127 @@
+"""The library pipeline: train → evaluate on the test set → record → (register).
+
+What the ``train`` command, background jobs and the app all do, as functions with typed
+arguments: ``train_and_evaluate`` trains a student, evaluates it, stores the headline metrics,
+thresholds and normal-score statistics in the checkpoint's metadata and writes the full report
+beside it; ``register_model`` lists a checkpoint in a manifest so the app finds it. Nothing here
+parses a command line or prints a table: callers do that with what is returned.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from rd.checkpoints import read_metadata, update_metadata
+from rd.data import DataError, Sample
+from rd.detector import Detector
+from rd.errors import RDError
+from rd.evaluation import EvaluationError, evaluate
+from rd.files import atomic_write
+from rd.manifest import ModelEntry, register, user_manifest
+from rd.training import TrainConfig, TrainingError, TrainResult, train
+
+
+class DataSet(Protocol):
+    """What the pipeline needs of a data layout (``MVTecCategory``, ``PlainFolders``)."""
+
+    def train_samples(self) -> list[Sample]: ...
+
+    def test_samples(self) -> list[Sample]: ...
+
+
+@dataclass
+class TrainOutcome:
+    """What ``train_and_evaluate`` did: the training result, and the report if there is one."""
+
+    checkpoint: Path
+    result: TrainResult
+    report: dict[str, Any] | None = None
+    report_path: Path | None = None
+    not_evaluated: str | None = None  # why there is no report (no test set, one class only...)
+
+
+def report_path(checkpoint: str | Path) -> Path:
+    """Where the full evaluation report of a checkpoint is written: ``<name>.report.json``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".report.json")
+
+
+def train_and_evaluate(data: DataSet, config: TrainConfig, out: str | Path, *,
+                       metadata: Mapping[str, Any] | None = None, resume: bool = False,
+                       overwrite: bool = False, evaluate_after: bool = True,
+                       progress: bool = False,
+                       on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainOutcome:
+    """Train on ``data``'s normal images, then evaluate on its test set and record the results.
+
+    ``metadata`` (e.g. the command that ran) is stored in the checkpoint next to the category
+    and data source. An existing ``out`` is refused unless ``resume`` or ``overwrite``. A data
+    source without a usable test set still trains; ``not_evaluated`` then says why. Under
+    torchrun only rank 0 evaluates.
+    """
+    config.validate()
+    out = Path(out)
+    if out.exists() and not (resume or overwrite):
+        raise TrainingError(f"{out} exists: pass --overwrite to replace it, or --resume")
+    stored = {"category": getattr(data, "category", None), "data": repr(data),
+              **(metadata or {})}
+    result = train(data.train_samples(), config, out, stored, resume=resume, progress=progress,
+                   on_epoch=on_epoch)
+    outcome = TrainOutcome(out, result)
+    if result.rank or not evaluate_after:
+        return outcome
+    try:
+        test = data.test_samples()
+        detector = Detector(result.model, read_metadata(out), config.device)
+        report = evaluate(detector, test, progress=progress)
+    except (DataError, EvaluationError) as error:
+        outcome.not_evaluated = str(error)
+        return outcome
+    record_evaluation(out, report)
+    outcome.report, outcome.report_path = report, report_path(out)
+    return outcome
+
+
+def record_evaluation(checkpoint: str | Path, report: dict[str, Any]) -> Path:
+    """Store the report's headline metrics, thresholds and normal-score statistics in the
+    checkpoint's metadata, and the full report beside it; returns the report's path."""
+    update_metadata(checkpoint, {"metrics": metrics_summary(report),
+                                 "normal_scores": report["normal_scores"]})
+    path = report_path(checkpoint)
+    text = json.dumps(report, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of a report and its thresholds, as stored in checkpoint metadata."""
+    keys = ("image_auroc", "pixel_auroc", "au_pro", "n_images", "n_normal", "n_defective")
+    return {**{k: report[k] for k in keys},
+            "thresholds": {k: v["threshold"] for k, v in report["thresholds"].items()}}
+
+
+class RegistrationError(RDError, ValueError):
+    """A checkpoint cannot be registered as asked."""
+
+
+def register_model(checkpoint: str | Path, dataset: str, category: str | None = None,
+                   manifest: str | Path | None = None) -> ModelEntry:
+    """List ``checkpoint`` in ``manifest`` (default: the user's) under ``dataset``/category.
+
+    A checkpoint outside the manifest's folder is first copied into it, under
+    ``<dataset>/<category>/`` with a new name (``rd.manifest.register``: names are checked
+    before any write, and no file or entry is ever replaced). The category defaults to the one the
+    checkpoint names. Returns the entry (its ``path`` is where the registered file lies).
+    """
+    checkpoint = Path(checkpoint)
+    meta = read_metadata(checkpoint)
+    category = category or meta.get("category")
+    if not category:
+        raise RegistrationError("the checkpoint names no category: pass --category")
+    manifest = Path(manifest) if manifest is not None else user_manifest()
+    return register(manifest, checkpoint, dataset, category, meta.get("backbone"),
+                    command=meta.get("command", ""), report=meta.get("metrics", {}),
+                    copy=True, metadata=meta)

@@ -1,0 +1,225 @@
+"""Inference runtimes: torch, or the exported graph (rd.export) in ONNX Runtime on the CPU.
+
+On a CPU, ONNX Runtime runs the same graph as torch eager with fused kernels, 1.3-4x faster
+(docs/performance.md), with maps equal within 1e-5. ``select_runtime`` therefore picks it by
+default on the CPU when it is installed and the model exports, and torch otherwise. The export
+is made once and cached next to the checkpoint, keyed by the checkpoint's SHA-256 (and what else
+shapes the graph), written atomically; a cache that fails to load or to match is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rd.detector import CPU_CHUNK, Detector, load
+from rd.errors import RDError
+from rd.files import data_home
+from rd.model import Prediction
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+CACHE_KEY = "rd.cache_key"
+CACHE_VERSION = 1  # bump when the exported graph changes for the same checkpoint
+TOLERANCE = 1e-5  # a fresh export must give torch's maps within this before it is used
+
+
+class RuntimeUnavailable(RDError, ValueError):
+    """The runtime asked for cannot run this model here."""
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which runtime a Detector got, and why (shown to users once)."""
+
+    name: str
+    reason: str
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _checkpoint_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(checkpoint: Path, detector: Detector) -> str:
+    """SHA-256 of the checkpoint plus everything else the exported graph depends on."""
+    from rd.export import DEFAULT_OPSET
+
+    parts = {"checkpoint": _checkpoint_sha256(checkpoint), "version": CACHE_VERSION,
+             "teacher": getattr(detector.model.teacher, "weights_id", ""),
+             "torch": torch.__version__.split("+")[0], "opset": DEFAULT_OPSET}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cache_path(checkpoint: Path, key: str) -> Path:
+    """``<name>.<key>.onnx`` beside the checkpoint, or in the user's data home when that
+    folder is not writable (a read-only model store)."""
+    name = f"{checkpoint.name.removesuffix('.safetensors')}.{key[:16]}.onnx"
+    if os.access(checkpoint.parent, os.W_OK):
+        return checkpoint.parent / name
+    return data_home() / "onnx-cache" / name
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning threads steal a shared CPU from everything else between calls (and each other).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _max_difference(session, detector: Detector) -> float:
+    from rd.export import INPUT_NAMES, OUTPUT_NAMES
+
+    size = detector.image_size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ours = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: probe.numpy()})
+    want = detector.predict_tensor(probe)
+    return max(float(np.abs(got - ref.cpu().numpy()).max())
+               for got, ref in zip(ours, (want.layer_maps, want.fused, want.scores), strict=True))
+
+
+def cached_session(checkpoint: str | Path, detector: Detector, threads: int | None = None):
+    """An ONNX Runtime session of ``detector``'s graph, exported once and cached on disk.
+
+    A cache file that does not load, or whose stored key differs, is replaced; a fresh export
+    is checked against torch (max difference of every output ``TOLERANCE``) before it is kept.
+    """
+    from rd.export import export_onnx
+
+    checkpoint = Path(checkpoint)
+    threads = threads or torch.get_num_threads()
+    key = cache_key(checkpoint, detector)
+    path = cache_path(checkpoint, key)
+    if path.exists():
+        try:
+            session = _session(path, threads)
+            if session.get_modelmeta().custom_metadata_map.get(CACHE_KEY) == key:
+                return session, path
+        except Exception:  # any load failure means: rebuild the cache
+            pass
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.export")
+    try:
+        export_onnx(detector, scratch)
+        _stamp(scratch, key)
+        session = _session(scratch, threads)
+        worst = _max_difference(session, detector)
+        if worst > TOLERANCE:
+            raise RuntimeUnavailable(f"the ONNX export differs from torch by {worst:.1e}")
+        os.replace(scratch, path)  # same folder: atomic
+    finally:
+        scratch.unlink(missing_ok=True)
+    return _session(path, threads), path
+
+
+def _stamp(path: Path, key: str) -> None:
+    """Record the cache key in the file's metadata, so that a mismatched file is noticed."""
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = CACHE_KEY, key
+    onnx.save(model, str(path))
+
+
+class OnnxDetector(Detector):
+    """A Detector whose forward pass runs in ONNX Runtime on the CPU (same maps, faster).
+
+    It keeps the torch model (metadata, preprocessing, backbone) and replaces only
+    ``predict_tensor``; everything else, including ``predict``, is the Detector's.
+    """
+
+    def __init__(self, detector: Detector, session, onnx_path: Path) -> None:
+        # No super().__init__: the torch side is already built; share it.
+        self.__dict__.update(detector.__dict__)
+        self.session = session
+        self.onnx_path = onnx_path
+
+    @torch.no_grad()
+    def predict_tensor(self, batch: torch.Tensor) -> Prediction:
+        from rd.export import INPUT_NAMES, OUTPUT_NAMES
+
+        expected = (3, self.image_size, self.image_size)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ValueError(f"expected a preprocessed batch of shape (N, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}), got {tuple(batch.shape)}")
+        array = batch.detach().cpu().contiguous().numpy()
+        chunk = min(self.batch_size, CPU_CHUNK)
+        parts = [self.session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: array[i:i + chunk]})
+                 for i in range(0, len(array), chunk)]
+        if len(parts) == 1:
+            return Prediction(*(torch.from_numpy(output) for output in parts[0]))
+        return Prediction(*(torch.from_numpy(np.concatenate(outputs))
+                            for outputs in zip(*parts, strict=True)))
+
+
+def select_runtime(detector: Detector, checkpoint: str | Path | None, runtime: str = "auto",
+                   *, torch_only_options: bool = False) -> tuple[Detector, RuntimeChoice]:
+    """``detector`` itself (torch) or an OnnxDetector, as ``runtime`` asks.
+
+    ``auto`` picks onnxruntime on the CPU when it is installed, no torch-only option
+    (``--amp``, ``--channels-last``, ``--compile``) was asked and the model exports; torch
+    otherwise. ``onnxruntime`` asked for explicitly fails clearly when it cannot run.
+    """
+    if runtime not in RUNTIMES:
+        raise RuntimeUnavailable(f"unknown runtime {runtime!r}; "
+                                 f"choose one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return detector, RuntimeChoice("torch", "asked for")
+    why_not = None
+    if detector.device.type != "cpu":
+        why_not = f"it runs on the CPU and the model is on {detector.device}"
+    elif torch_only_options or detector.amp is not None:
+        why_not = "--amp/--channels-last/--compile are torch options"
+    elif checkpoint is None:
+        why_not = "the model has no checkpoint file to key the cache by"
+    elif not onnxruntime_available():
+        why_not = "onnxruntime (and onnxscript) are not installed"
+    if why_not is None:
+        try:
+            session, path = cached_session(checkpoint, detector)
+            return OnnxDetector(detector, session, path), RuntimeChoice(
+                "onnxruntime", f"cached graph {path.name}")
+        except Exception as error:  # export failures come in many types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            why_not = f"the model did not export ({first})"
+    if runtime == "onnxruntime":
+        raise RuntimeUnavailable(f"--runtime onnxruntime cannot run here: {why_not}; "
+                            "use --runtime torch")
+    return detector, RuntimeChoice("torch", f"onnxruntime not used: {why_not}")
+
+
+def load_runtime(checkpoint: str | Path, device: str | torch.device | None = "cpu",
+                 runtime: str = "auto", teacher_weights: str | Path | None = None,
+                 **options) -> tuple[Detector, RuntimeChoice]:
+    """``rd.load`` plus ``select_runtime``: what the app and commands call to get a model."""
+    detector = load(checkpoint, device, teacher_weights, **options)
+    torch_only = bool(options.get("channels_last") or options.get("compile")
+                      or options.get("amp"))
+    return select_runtime(detector, checkpoint, runtime, torch_only_options=torch_only)
+
+
+def describe(choice: RuntimeChoice) -> str:
+    """One line for stderr: which runtime runs the model."""
+    return f"runtime: {choice.name} ({choice.reason})"

@@ -1,0 +1,390 @@
+"""Scoring folders of any size: streaming, resumable, one row per image, across ranks.
+
+``score`` reads images in DataLoader worker processes (decoding overlaps the model), runs the
+model batch by batch and writes one CSV or JSON-lines row per image as it completes, flushed
+after every batch, so memory stays bounded whatever the number of images and a killed run loses
+at most the rows of the batch in flight. ``resume`` skips the images already in the output; a
+torn last line (kill -9 during a write) is cut off and that image scored again, so no row is
+lost or duplicated. An unreadable image becomes a row with an error, never a crash.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank scores every WORLD_SIZE-th remaining image
+into a part file beside the output; rank 0 merges the parts into the output in input order.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from rd.data import IMAGE_SUFFIXES, DataError, Preprocess, read_image
+from rd.detector import Detector
+from rd.files import atomic_write
+from rd.visualize import colorize, overlay
+
+FORMATS = ("csv", "jsonl")
+COLUMNS = ("path", "score", "verdict", "width", "height", "seconds", "error")
+SAVE_MAPS = ("none", "defective", "all")
+_GLOB_CHARS = frozenset("*?[")
+
+
+class ScoringError(DataError):
+    """The inputs or the output cannot be used as asked; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The images to score, in a fixed order, and the folder their relative names start from."""
+
+    paths: list[str]
+    root: Path
+
+    def relative(self, path: str) -> Path:
+        """``path`` relative to the common root: names of saved maps never collide."""
+        return Path(os.path.relpath(path, self.root))
+
+
+def _folder_images(folder: Path) -> Iterator[Path]:
+    for parent, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(parent) / name
+
+
+def _expand(entry: str) -> list[Path]:
+    if any(char in entry for char in _GLOB_CHARS) and not Path(entry).exists():
+        found = sorted(Path(p) for p in glob.glob(entry, recursive=True))
+        images = [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:
+            raise ScoringError(f"{entry}: the pattern matches no image file")
+        return images
+    path = Path(entry)
+    if path.is_dir():
+        images = list(_folder_images(path))
+        if not images:
+            raise ScoringError(f"{path}: no image files in this folder or below it "
+                               f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        return images
+    if path.is_file() or path.is_symlink():
+        return [path]  # a file that is no image becomes an error row, not a refusal
+    raise ScoringError(f"{path}: no such file or folder; check the path")
+
+
+def collect_inputs(entries: Sequence[str | Path], list_file: str | Path | None = None) -> Inputs:
+    """Image files from files, folders (recursive, sorted), glob patterns and a list file.
+
+    The list file holds one path per line (blank lines and lines starting with # skipped),
+    relative to the list file's folder unless absolute. Duplicates are scored once.
+    """
+    raw = [str(e) for e in entries]
+    if list_file is not None:
+        list_file = Path(list_file)
+        try:
+            lines = list_file.read_text().splitlines()
+        except OSError as error:
+            raise ScoringError(f"{list_file}: cannot read the list of images ({error.strerror})"
+                               ) from None
+        raw += [str(list_file.parent / line.strip()) for line in lines
+                if line.strip() and not line.lstrip().startswith("#")]
+    if not raw:
+        raise ScoringError("no images given: pass image files, folders, glob patterns or "
+                           "--list FILE")
+    paths = list(dict.fromkeys(os.path.abspath(p) for entry in raw for p in _expand(entry)))
+    root = Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
+    return Inputs(paths, root)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+class _ImageFiles(Dataset):
+    """Decoded, preprocessed images; a file that cannot be read yields its error instead."""
+
+    def __init__(self, paths: Sequence[str], preprocess: Preprocess) -> None:
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = self.preprocess.size
+        started = time.perf_counter()
+        try:
+            image = read_image(self.paths[index])
+            tensor, error = self.preprocess(image), ""
+            width, height = image.size
+        except Exception as exc:  # any reader failure becomes this image's error row
+            tensor = torch.zeros(3, size, size)
+            error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            width = height = 0
+        return {"index": index, "image": tensor, "error": error, "width": width,
+                "height": height, "read_seconds": time.perf_counter() - started}
+
+
+def _pad(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Repeat the last image up to ``size``: one static shape for compiled graphs."""
+    if len(batch) == size:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])
+
+
+# ----------------------------------------------------------------------------------- output
+
+
+def read_rows(path: Path, output_format: str) -> list[dict[str, Any]]:
+    """The complete rows of an output file; a torn last line is cut off the file first."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # killed during a write: drop the partial line for good
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+        data = data[:end]
+    text = data.decode("utf-8")
+    if output_format == "jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ScoringError(f"{path}: line {number} is not JSON; it was not written by "
+                                   "rd predict --jsonl (move it away or pick another file)"
+                                   ) from None
+        return rows
+    reader = csv.DictReader(io.StringIO(text))
+    if text and tuple(reader.fieldnames or ()) != COLUMNS:
+        raise ScoringError(f"{path}: its columns are not {','.join(COLUMNS)}; it was not written "
+                           "by rd predict --csv (move it away or pick another file)")
+    return list(reader)
+
+
+class RowWriter:
+    """Appends rows to a CSV or JSON-lines file, one line per row, flushed on request."""
+
+    def __init__(self, path: Path, output_format: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        self.handle = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+        self.format = output_format
+        self.csv = csv.writer(self.handle, lineterminator="\n")
+        if new and output_format == "csv":
+            self.csv.writerow(COLUMNS)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.format == "csv":
+            self.csv.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+        else:
+            self.handle.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _text_row(row: dict[str, Any]) -> str:
+    """What predict prints without an output file: path, score, verdict (tab-separated)."""
+    if row["error"]:
+        return f"{row['path']}\terror\t{row['error']}"
+    verdict = f"\t{row['verdict']}" if row["verdict"] else ""
+    return f"{row['path']}\t{row['score']:.6f}{verdict}"
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoringSummary:
+    """What a run did: counts and speed (printed by the command line)."""
+
+    total: int
+    skipped: int
+    scored: int
+    errors: int
+    defective: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise. Joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f".{out.name}.part{rank}-of-{world}")
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{glob.escape(out.name)}.part*"))
+
+
+def _save_maps(folder: Path, relative: Path, path: str, fused: np.ndarray,
+               threshold: float | None) -> None:
+    """Overlay PNG and raw map (.npy) under ``folder`` at the input's relative path."""
+    image = read_image(path)
+    top = 2 * threshold if threshold else float(fused.max()) or 1.0
+    blended = overlay(image, colorize(fused, 0.0, top))
+    stem = folder / relative.with_suffix("")
+    atomic_write(stem.with_name(stem.name + ".png"),
+                 lambda tmp: blended.save(tmp, format="PNG"))
+
+    def write_npy(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy"
+            np.save(handle, fused)
+
+    atomic_write(stem.with_name(stem.name + ".npy"), write_npy)
+
+
+def score(detector: Detector, inputs: Inputs, out: Path | None = None,
+          output_format: str | None = None, *, resume: bool = False,
+          threshold: float | None = None, save_maps: str = "none", maps_dir: Path | None = None,
+          workers: int | None = None, progress: bool = True,
+          print_row: Callable[[str], None] | None = None,
+          static_batches: bool = False) -> ScoringSummary:
+    """Score ``inputs`` with ``detector``, writing one row per image to ``out``.
+
+    ``output_format`` is csv or jsonl (default: from the suffix of ``out``). Without ``out``
+    each row goes to ``print_row`` (the command line prints it). ``threshold`` overrides the
+    checkpoint's F1 threshold for the verdict. ``save_maps`` writes an overlay and the raw
+    map of no image, the defective ones or all under ``maps_dir``. ``static_batches`` pads the
+    last batch to the batch size (one shape for a compiled graph).
+    """
+    rank, world = _distributed()
+    if save_maps not in SAVE_MAPS:
+        raise ScoringError(f"--save-maps takes one of {', '.join(SAVE_MAPS)}; got {save_maps!r}")
+    if save_maps != "none" and maps_dir is None:
+        raise ScoringError("--save-maps needs a folder for the maps: pass --out DIR")
+    if out is not None:
+        output_format = output_format or out.suffix.lstrip(".").lower()
+        if output_format not in FORMATS:
+            raise ScoringError(f"{out}: say the output format with --csv or --jsonl (or name "
+                               "the file .csv or .jsonl)")
+        if not resume and (out.exists() or _parts(out)):
+            raise ScoringError(f"{out} exists: add --resume to continue it, or remove it")
+    elif world > 1:
+        raise ScoringError("under torchrun, write the rows to a file: --csv FILE or --jsonl FILE")
+    if threshold is None:
+        threshold = detector.metadata.get("metrics", {}).get("thresholds", {}).get("f1")
+        threshold = None if threshold is None else float(threshold)
+
+    done: set[str] = set()
+    if out is not None and resume:
+        for file in [out, *_parts(out)]:
+            done.update(row["path"] for row in read_rows(file, output_format))
+    todo = [i for i, p in enumerate(inputs.paths) if p not in done][rank::world]
+    if world > 1:
+        dist.barrier()  # every rank has read the files before any rank appends to its part
+    target = out if world == 1 or out is None else _part_path(out, rank, world)
+    writer = RowWriter(target, output_format) if target is not None else None
+
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    cuda = detector.device.type == "cuda"
+    loader = DataLoader(_ImageFiles([inputs.paths[i] for i in todo], detector.preprocess),
+                        batch_size=detector.batch_size, num_workers=workers,
+                        pin_memory=cuda, persistent_workers=False,
+                        prefetch_factor=2 if workers else None)
+    bar = tqdm(total=len(todo), desc=f"predict{f' rank {rank}' if world > 1 else ''}",
+               unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
+    started = time.perf_counter()
+    scored = errors = defective = 0
+    try:
+        for batch in loader:
+            model_started = time.perf_counter()
+            images = batch["image"]
+            count = len(images)
+            if static_batches:
+                images = _pad(images, detector.batch_size)
+            prediction = detector.predict_tensor(images)
+            scores = prediction.scores[:count].float().cpu().numpy()
+            fused = prediction.fused[:count] if save_maps != "none" else None
+            share = (time.perf_counter() - model_started) / count
+            for j in range(count):
+                path = inputs.paths[todo[int(batch["index"][j])]]
+                error = batch["error"][j]
+                row: dict[str, Any] = {
+                    "path": path, "score": None, "verdict": "error", "width": None,
+                    "height": None, "seconds": None, "error": error or None}
+                if not error:
+                    value = float(scores[j])
+                    verdict = "" if threshold is None else (
+                        "defective" if value >= threshold else "normal")
+                    row.update(score=value, verdict=verdict, width=int(batch["width"][j]),
+                               height=int(batch["height"][j]),
+                               seconds=round(float(batch["read_seconds"][j]) + share, 6))
+                    defective += verdict == "defective"
+                    if save_maps == "all" or (save_maps == "defective"
+                                              and verdict == "defective"):
+                        _save_maps(maps_dir, inputs.relative(path), path,
+                                   fused[j].float().cpu().numpy(), threshold)
+                else:
+                    errors += 1
+                scored += 1
+                if writer is not None:
+                    writer.write(row)
+                elif print_row is not None:
+                    print_row(_text_row(row))
+            if writer is not None:
+                writer.flush()  # a kill loses at most the batch in flight
+            bar.update(count)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+    seconds = time.perf_counter() - started
+    if world > 1:
+        counts = torch.tensor([scored, errors, defective], dtype=torch.float64)
+        dist.all_reduce(counts)  # also the barrier before rank 0 merges the parts
+        scored, errors, defective = (int(v) for v in counts.tolist())
+        if rank == 0:
+            merge_parts(out, output_format, inputs)
+        dist.barrier()
+    return ScoringSummary(len(inputs.paths), len(done), scored, errors, defective, seconds)
+
+
+def merge_parts(out: Path, output_format: str, inputs: Inputs) -> None:
+    """Merge the output and the ranks' part files into ``out``, in input order (atomic)."""
+    order = {path: i for i, path in enumerate(inputs.paths)}
+    parts = _parts(out)
+    rows = {row["path"]: row for file in [out, *parts] for row in read_rows(file, output_format)}
+    ordered = sorted(rows.values(), key=lambda row: order.get(row["path"], len(order)))
+
+    def write(tmp: Path) -> None:
+        writer = RowWriter(tmp, output_format)
+        for row in ordered:
+            writer.write(row)
+        writer.close()
+
+    atomic_write(out, write)
+    for part in parts:
+        part.unlink()

@@ -1,0 +1,36 @@
+"""Fixtures of the app tests: a data source with two categories whose defect types differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SOURCE = "twoparts"
+
+
+@pytest.fixture
+def two_categories(studio, tmp_path, monkeypatch):
+    """A data source with two categories whose defect types differ (widget: hole, scratch;
+    gadget: crack, hole), the studio's tiny model registered for both."""
+    import json
+    import shutil
+
+    from rd.manifest import register
+    from tests.conftest import make_fake_mvtec
+
+    home = Path(shutil.copytree(studio.home, tmp_path / "home"))
+    root = tmp_path / "twoparts"
+    make_fake_mvtec(root, "widget")
+    make_fake_mvtec(root, "gadget", seed=1)
+    for folder in ("test", "ground_truth"):
+        (root / "gadget" / folder / "scratch").rename(root / "gadget" / folder / "crack")
+    for category in ("widget", "gadget"):
+        checkpoint = shutil.copy(studio.checkpoint, home / "models" / f"two_{category}.safetensors")
+        register(home / "models" / "manifest.json", Path(checkpoint), SOURCE, category,
+                 "efficientnet_lite0")
+    settings = json.loads((home / "app_settings.json").read_text())
+    settings["mvtec_roots"][SOURCE] = str(root)
+    (home / "app_settings.json").write_text(json.dumps(settings))
+    monkeypatch.setenv("RD_HOME", str(home))
+    return root

@@ -1,0 +1,49 @@
+"""Evaluate: ROC curves per class (every category with a model on one figure, each defect
+type) with AUROC in the legend, and the small-class warning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
+
+
+def _evaluate(source: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["source"] = source
+    at.run()
+    at.switch_page("screens/evaluate.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _legends(at: AppTest) -> list[list[str]]:
+    """The legend entries of every figure on the page."""
+    legends = []
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        legends.append([t["name"] for t in spec["data"] if t.get("showlegend", True)
+                        and t.get("name") and t["name"] != "chance"])
+    return legends
+
+
+def test_per_defect_legend_carries_auroc_and_small_classes_are_flagged(studio):
+    at = _evaluate(studio.dataset)
+    (names,) = [n for n in _legends(at) if any(x.startswith("hole") for x in n)]
+    assert sorted(n.split(" · ")[0] for n in names) == ["hole", "scratch"]
+    assert all(" · AUROC " in n for n in names)
+    warnings = " ".join(w.value for w in at.warning)
+    assert "Fewer than 5 images in: normal (4)" in warnings and "hole (3)" in warnings
+    assert any("Only widget of" in c.value for c in at.caption)  # one category, no figure
+
+
+def test_every_category_with_a_model_on_one_figure(two_categories):
+    at = _evaluate("twoparts")
+    (names,) = [n for n in _legends(at) if any(x.startswith("gadget") for x in n)]
+    assert sorted(n.split(" (")[0] for n in names) == ["gadget", "widget"]
+    assert all(" · AUROC " in n for n in names)
+    table = next(d.value for d in at.dataframe if "category" in d.value.columns)
+    assert sorted(table["category"]) == ["gadget", "widget"]

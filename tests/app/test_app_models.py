@@ -1,0 +1,173 @@
+"""The sidebar's model picker, versioned models and data sources, through Streamlit's AppTest.
+
+Regression tests of issue 10: a quick job never replaces a shipped model (bug 3); one image has
+one score and one verdict on every page (bug 2); the defect-type filter starts afresh on each
+category (bug 1); data without a model can be browsed. Issue 13 (7): "Add folder" only takes
+folders under the allowed roots, under a new name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from rd.checkpoints import read_metadata
+from rd.data.synthetic import ensure_builtin_dataset
+from rd.manifest import PROJECT_MANIFEST, read_manifest, register, user_manifest
+
+APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
+SHIPPED_FABRIC = "shipped:builtin/fabric-efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def builtin_data(studio_home) -> Path:
+    """The built-in dataset, generated once (in the shared studio home)."""
+    return ensure_builtin_dataset(studio_home.home / "builtin")
+
+
+@pytest.fixture
+def home(builtin_data, studio_home, tmp_path, monkeypatch) -> Path:
+    """A fresh data home (RD_HOME) that sees the built-in data without regenerating it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "builtin").symlink_to(builtin_data, target_is_directory=True)
+    monkeypatch.setenv("RD_HOME", str(home))
+    return home
+
+
+def _quick_model(studio_home, category: str = "fabric") -> None:
+    """What a 1-epoch job on builtin/<category> registers: a poor model of its own."""
+    meta = read_metadata(studio_home.checkpoint)
+    register(user_manifest(), studio_home.checkpoint, "builtin", category, meta["backbone"],
+             report={"image_auroc": 0.55}, copy=True, name="quick", metadata=meta)
+
+
+def _app(source: str = "builtin", category: str = "fabric", page: str | None = None
+         ) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.session_state["source"] = source
+    at.session_state["category"] = category
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _picker(at: AppTest, category: str = "fabric", backbone: str = "efficientnet_lite0"):
+    return at.sidebar.selectbox(key=f"model::builtin/{category}/{backbone}")
+
+
+def test_a_quick_job_never_replaces_the_shipped_model(home, studio_home):
+    shipped_before = PROJECT_MANIFEST.read_bytes()
+    _quick_model(studio_home)
+    at = _app()
+    picker = _picker(at)
+    (user,) = [e.id for e in read_manifest(user_manifest())]
+    assert len(picker.options) == 2  # labels, best first
+    assert picker.options[0].endswith("image AUROC 96.7 · shipped")
+    assert picker.options[1].startswith("quick · ") and "image AUROC 55.0" in picker.options[1]
+    assert picker.value == SHIPPED_FABRIC  # the best image AUROC is the default
+    assert at.session_state.selection.entry.shipped
+    assert PROJECT_MANIFEST.read_bytes() == shipped_before
+
+    picker.set_value(user).run()  # the choice is remembered in the settings
+    assert at.session_state.selection.entry.id == user
+    settings = json.loads((home / "app_settings.json").read_text())
+    assert settings["models"]["builtin/fabric"] == user
+    again = _app()
+    assert again.session_state.selection.entry.id == user
+
+
+def test_one_score_and_one_verdict_for_fabric_stain_000(home):
+    """Bug 2: the shipped fabric model's F1 threshold is stain/000's own score: grid ⚠,
+    Review "Caught" and the detail "defective" (+0.0000), never "normal −0.0000"."""
+    at = _app(page="screens/review.py")
+    review_buttons = [b.key for b in at.button if b.key and "stain/000.png" in b.key]
+    assert review_buttons and all(k.startswith("review::TP::") for k in review_buttons)
+
+    at.switch_page("screens/inspect.py").run()
+    stain = next(b for b in at.button if b.key and b.key.startswith("open::")
+                 and b.key.endswith("stain/000.png"))
+    stain.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = {m.label: m for m in at.metric}
+    assert metrics["Verdict"].value == "defective"
+    assert metrics["Score"].delta.startswith("+0.0000")
+
+
+def test_the_defect_filter_starts_afresh_on_each_category(home):
+    """Bug 1: fabric → wood keeps wood's own defect types; → hex_nut shows defective images."""
+    at = _app(page="screens/inspect.py")
+    filters = [m for m in at.multiselect if m.label == "Defect types"]
+    assert filters and "stain" in filters[0].value
+    for category in ("wood", "hex_nut"):
+        at.sidebar.selectbox(key="category").set_value(category).run()
+        assert not at.exception, [e.value for e in at.exception]
+        (shown,) = [m for m in at.multiselect if m.label == "Defect types"]
+        assert set(shown.value) == set(shown.options) and len(shown.value) > 1, category
+
+
+def test_data_without_a_model_can_be_browsed_and_offers_training(home, studio_home, tmp_path):
+    root = tmp_path / "plain"
+    shutil.copytree(studio_home.root, root / "parts")  # parts/widget: no model registered
+    settings = {"mvtec_roots": {"parts": str(root / "parts")}}
+    (home / "app_settings.json").write_text(json.dumps(settings))
+    at = _app(source="parts", category="widget")
+    warnings = " ".join(w.value for w in at.sidebar.warning)
+    assert "No model has been trained on" in warnings and "another backbone" not in warnings
+    at.switch_page("screens/evaluate.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.button(key="require_model::train").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="train::category").value == "widget"
+    source = at.selectbox(key="train::source")
+    assert source.options[source.value] == "parts"
+
+
+def test_add_folder_only_under_allowed_roots_and_new_names(home, studio_home, tmp_path,
+                                                           monkeypatch):
+    allowed = tmp_path / "allowed"
+    good = shutil.copytree(studio_home.root, allowed / "parts")
+    clash = shutil.copytree(studio_home.root, allowed / "nested" / "builtin")
+    outside = shutil.copytree(studio_home.root, tmp_path / "outside" / "other")
+    monkeypatch.setenv("RD_DATA_ROOTS", str(allowed))
+    at = _app()
+
+    def add(folder: Path | str) -> AppTest:
+        (field,) = [t for t in at.sidebar.text_input if t.label.startswith("Folder")]
+        field.input(str(folder))
+        (submit,) = [b for b in at.sidebar.button if b.label == "Add"]
+        submit.click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    add(outside)
+    assert "outside the folders" in " ".join(e.value for e in at.sidebar.error)
+    add(clash)
+    assert "exists already" in " ".join(e.value for e in at.sidebar.error)
+    add("relative/parts")
+    assert "absolute path" in " ".join(e.value for e in at.sidebar.error)
+    add(good)
+    roots = json.loads((home / "app_settings.json").read_text())["mvtec_roots"]
+    assert roots == {"parts": str(good.resolve())}
+    add(good)  # the same name again
+    assert "exists already" in " ".join(e.value for e in at.sidebar.error)
+
+
+def test_inspect_the_model_after_a_job_moves_the_sidebar(home, studio_home):
+    _quick_model(studio_home, category="wood")
+    (entry,) = read_manifest(user_manifest())
+    at = _app()
+    from app import sidebar
+
+    at.session_state[sidebar.PENDING] = {"source": "builtin", "category": "wood",
+                                         "backbone": entry.backbone, "model": entry.id}
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    chosen = at.session_state.selection
+    assert (chosen.category, chosen.entry.id) == ("wood", entry.id)

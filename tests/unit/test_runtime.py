@@ -1,0 +1,115 @@
+"""Runtimes: the exported graph in ONNX Runtime, cached beside the checkpoint, equals torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rd import runtime
+from rd.checkpoints import save_checkpoint
+from rd.data import HALF, Preprocess
+from rd.detector import load
+from rd.model import build_model
+
+SIZE = 64
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny 64 px efficientnet_lite0 checkpoint (ImageNet teacher, seeded student)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("runtime") / "tiny.safetensors"
+    save_checkpoint(build_model("efficientnet_lite0"), path,
+                    {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum",
+                     "category": "tiny", "metrics": {"thresholds": {"f1": 1.5}}})
+    return path
+
+
+def _count_exports(monkeypatch) -> list[int]:
+    from rd import export
+
+    calls: list[int] = []
+    real = export.export_onnx
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_onnxruntime_maps_equal_torch_within_1e5(checkpoint):
+    torch_detector = load(checkpoint, "cpu")
+    onnx_detector, choice = runtime.load_runtime(checkpoint, "cpu")
+    assert choice.name == "onnxruntime" and isinstance(onnx_detector, runtime.OnnxDetector)
+    for n in (1, 5):  # one chunk, and several chunks of CPU_CHUNK
+        batch = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(n))
+        want, got = torch_detector.predict_tensor(batch), onnx_detector.predict_tensor(batch)
+        for name in ("layer_maps", "fused", "scores"):
+            difference = (getattr(got, name) - getattr(want, name)).abs().max().item()
+            assert difference <= 1e-5, (name, n, difference)
+
+
+def test_export_is_cached_by_checkpoint_hash(checkpoint, monkeypatch):
+    runtime.load_runtime(checkpoint, "cpu")  # the cache exists after this
+    calls = _count_exports(monkeypatch)
+    detector, _ = runtime.load_runtime(checkpoint, "cpu")
+    assert calls == []
+    key = runtime.cache_key(checkpoint, detector)
+    assert detector.onnx_path == runtime.cache_path(checkpoint, key)
+    assert detector.onnx_path.parent == checkpoint.parent and key[:16] in detector.onnx_path.name
+    assert key.startswith(runtime.cache_key(checkpoint, detector)[:16])
+
+
+def test_corrupt_or_stale_cache_is_rebuilt(checkpoint, monkeypatch):
+    detector, _ = runtime.load_runtime(checkpoint, "cpu")
+    path = detector.onnx_path
+    calls = _count_exports(monkeypatch)
+    path.write_bytes(path.read_bytes()[:1000])  # torn file
+    rebuilt, choice = runtime.load_runtime(checkpoint, "cpu")
+    assert choice.name == "onnxruntime" and len(calls) == 1 and rebuilt.onnx_path == path
+
+    import onnx
+
+    model = onnx.load(str(path))  # a file whose stored key is another checkpoint's
+    for entry in model.metadata_props:
+        if entry.key == runtime.CACHE_KEY:
+            entry.value = "0" * 64
+    onnx.save(model, str(path))
+    runtime.load_runtime(checkpoint, "cpu")
+    assert len(calls) == 2
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}")]
+
+
+def test_another_checkpoint_gets_another_cache(checkpoint, tmp_path):
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    save_checkpoint(build_model("efficientnet_lite0"), other,
+                    {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum"})
+    a = runtime.cache_key(checkpoint, load(checkpoint, "cpu"))
+    b = runtime.cache_key(other, load(other, "cpu"))
+    assert a != b
+
+
+def test_auto_falls_back_to_torch_and_says_why(checkpoint, monkeypatch):
+    detector, choice = runtime.load_runtime(checkpoint, "cpu", channels_last=True)
+    assert choice.name == "torch" and "torch options" in choice.reason
+    assert not isinstance(detector, runtime.OnnxDetector)
+    detector, choice = runtime.load_runtime(checkpoint, "cpu", runtime="torch")
+    assert choice.name == "torch" and not isinstance(detector, runtime.OnnxDetector)
+    monkeypatch.setattr(runtime, "onnxruntime_available", lambda: False)
+    _, choice = runtime.load_runtime(checkpoint, "cpu")
+    assert choice.name == "torch" and "not installed" in choice.reason
+    with pytest.raises(runtime.RuntimeUnavailable, match="--runtime torch"):
+        runtime.load_runtime(checkpoint, "cpu", runtime="onnxruntime")
+    with pytest.raises(runtime.RuntimeUnavailable, match="unknown runtime"):
+        runtime.load_runtime(checkpoint, "cpu", runtime="tensorrt")
+
+
+def test_failed_export_falls_back(checkpoint, monkeypatch):
+    from rd import export
+
+    def broken(*args, **kwargs):
+        raise export.ExportError("ONNX export failed: unsupported operator")
+
+    monkeypatch.setattr(runtime, "cache_path", lambda c, k: c.parent / f"fresh.{k[:8]}.onnx")
+    monkeypatch.setattr(export, "export_onnx", broken)
+    _, choice = runtime.load_runtime(checkpoint, "cpu")
+    assert choice.name == "torch" and "did not export" in choice.reason
