@@ -15,6 +15,7 @@ Failures become messages in the page, never tracebacks.
 
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from PIL import Image
 from rd import results
 from rd.data import DataError, MVTecCategory, Sample, read_image_bytes
 from rd.data.sources import DataSource, available_sources
-from rd.detector import Detector
+from rd.detector import Detector, ImageDetection
 from rd.detector import load as load_detector
 from rd.errors import RDError
 from rd.files import atomic_write, data_home
@@ -209,25 +210,13 @@ def store() -> results.ResultsStore:
 # ------------------------------------------------------------------------------- detection
 
 
-@dataclass(frozen=True)
-class ImageDetection:
-    """One image under one model: its score (the stored one) and its maps at model size."""
-
-    score: float
-    layer_maps: np.ndarray  # (3, S, S): 1 - cos per teacher layer (strides 4, 8, 16)
-    fused: np.ndarray  # (S, S): the fused, smoothed anomaly map
-    digest: str  # the image's content hash
-
-    def is_defective(self, threshold: float) -> bool:
-        return results.is_defective(self.score, threshold)
-
-    def verdict(self, threshold: float) -> str:
-        return results.verdict(self.score, threshold)
+_NO_MAPS = np.empty(0, np.float32)
 
 
 def verdict(score: float, threshold: float) -> str:
-    """``"defective"`` when ``score >= threshold``, else ``"normal"``: the rule of every page."""
-    return results.verdict(score, threshold)
+    """``"defective"`` when ``score >= threshold``, else ``"normal"``: the rule of every page,
+    the CLI's included (``rd.detector.ImageDetection.verdict``)."""
+    return ImageDetection(float(score), _NO_MAPS, _NO_MAPS).verdict(threshold)
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -238,14 +227,16 @@ def _maps(checkpoint: str, mtime: float, device: str, digest: str, _image: Any
     image = _image
     if isinstance(image, tuple):  # (bytes, name): an upload
         image = read_image_bytes(*image)
-    detection = predict(load_model(checkpoint, mtime, device), [image])
-    return detection.layer_maps[0], detection.fused[0], float(detection.scores[0])
+    found = predict(load_model(checkpoint, mtime, device), [image])[0]
+    return found.layer_maps, found.fused, found.score
 
 
 def detect(chosen: Selection, detector: Detector, image: Path | str | bytes | np.ndarray |
            Image.Image, name: str = "upload") -> ImageDetection:
     """The detection of one image under the selected model: a test image's path, an upload's
-    bytes (with its file ``name``), or pixels. Raises DataError for an unreadable image."""
+    bytes (with its file ``name``), or pixels. Its score is the stored one (the number every
+    page, download and verdict uses); an image seen for the first time has its computed score
+    stored. Raises DataError for an unreadable image."""
     del detector  # loaded by require_model; the cache below finds it by checkpoint
     if isinstance(image, str | Path):
         image = Path(image)
@@ -263,7 +254,7 @@ def detect(chosen: Selection, detector: Detector, image: Path | str | bytes | np
     if stored is None:  # the first time this image is seen: its score becomes the stored one
         store().put_scores(model, {digest: computed}, replace=False)
         stored = store().scores(model, [digest]).get(digest, computed)
-    return ImageDetection(stored, layer_maps, fused, digest)
+    return ImageDetection(float(stored), layer_maps, fused)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -295,9 +286,25 @@ class _Run:
     thread: threading.Thread | None = field(default=None, repr=False)
 
 
+class _Stopped(Exception):
+    """Raised inside a background evaluation when the process exits."""
+
+
+_EXITING = threading.Event()
+
+
 @st.cache_resource
 def _runs() -> tuple[dict[tuple[str, str, str], _Run], threading.Lock]:
-    return {}, threading.Lock()
+    runs: dict[tuple[str, str, str], _Run] = {}
+
+    def stop() -> None:  # a thread killed inside torch at exit aborts the process
+        _EXITING.set()
+        for run in list(runs.values()):
+            if run.thread is not None:
+                run.thread.join(timeout=10)
+
+    atexit.register(stop)
+    return runs, threading.Lock()
 
 
 def _start(key: tuple[str, str, str], detector: Detector, samples: list[Sample],
@@ -314,10 +321,14 @@ def _start(key: tuple[str, str, str], detector: Detector, samples: list[Sample],
     def work() -> None:
         def progress(done: int, total: int) -> None:
             run.done, run.total = done, total
+            if _EXITING.is_set():
+                raise _Stopped
 
         try:
             results.evaluate_into(shared, model, detector, samples, digests, lock=inference,
                                   on_progress=progress)
+        except _Stopped:
+            run.error = "stopped: the app is shutting down"
         except (RDError, OSError, ValueError, RuntimeError) as error:
             run.error = str(error)
         finally:
@@ -408,11 +419,11 @@ def default_threshold(detector: Detector, report: dict[str, Any] | None) -> floa
     """The F1-optimal threshold of the test report, else the one stored in the checkpoint."""
     if report:
         return float(report["thresholds"]["f1"]["threshold"])
-    stored = detector.metadata.get("metrics", {}).get("thresholds", {}).get("f1")
+    stored = detector.metadata.threshold("f1")
     if stored is not None:
-        return float(stored)
-    stats = detector.metadata.get("normal_scores")
-    return float(stats["max"]) if stats else 1.0
+        return stored
+    highest = detector.metadata.normal_score("max")
+    return highest if highest is not None else 1.0
 
 
 def threshold_key(chosen: Selection) -> str:

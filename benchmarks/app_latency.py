@@ -2,8 +2,9 @@
 
 What the Inspect page does for an image it has not shown before (app/screens/inspect.py), the
 model already loaded: read the image, ``Detector.predict`` on its path, read its mask, then the
-colouring of app/views/images.py (fused heat map, overlay with both contours, three layer maps,
-colour bar) and the PNG encoding ``st.image`` does for each of the seven pictures. Streamlit's
+detail block of app/views/detail.py (the pictures every page shows: fused heat map, overlay with
+both contours, three layer maps, colour bar, at the image's own aspect ratio) and the PNG
+encoding ``st.image`` does for each picture. Streamlit's
 own round trip is not included. The baseline replaces ``Detector.predict`` with the reference's
 one-image path (benchmarks.baseline.reference_predict); the colouring is the same.
 
@@ -15,7 +16,6 @@ generated 256² parts. The first image after loading is reported apart (one-off 
 
 from __future__ import annotations
 
-import io
 import statistics
 import tempfile
 import time
@@ -28,17 +28,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from app.views.images import (
-    CONTOUR_PREDICTED,
-    CONTOUR_TRUTH,
-    ScaleContext,
-    blend,
-    colour_bar,
-    colour_range,
-    draw_contour,
-    heat_map,
-    to_rgb_array,
-)
+from app.views.detail import detail_pictures, png_bytes
+from app.views.images import ScaleContext
 from benchmarks.baseline import SIGMA, ReferenceRD, reference_map
 from benchmarks.common import (
     apply_threads,
@@ -57,39 +48,25 @@ TARGET_S = 0.5
 
 
 def show(image: Image.Image, mask: np.ndarray | None, layer_maps: np.ndarray,
-         fused: np.ndarray, size: int, threshold: float) -> int:
+         fused: np.ndarray, threshold: float) -> int:
     """The Inspect page's pictures of one image, PNG-encoded; returns the bytes written."""
     context = ScaleContext(category_max=2 * threshold, normal_p99=0.8 * threshold,
                            threshold=threshold)
-    layer_context = ScaleContext(context.category_max / 3, context.normal_p99 / 3,
-                                 threshold / 3)
-    base = to_rgb_array(image, size)
-    heat = heat_map(fused, "calibrated", context)
-    overlay = blend(base, heat, 0.5)
-    if mask is not None:
-        overlay = draw_contour(overlay, mask, CONTOUR_TRUTH, 2)
-    overlay = draw_contour(overlay, fused >= threshold, CONTOUR_PREDICTED, 2)
-    pictures = [base, overlay, heat, colour_bar(*colour_range("calibrated", fused, context),
-                                                width=512)]
-    pictures += [heat_map(layer, "calibrated", layer_context) for layer in layer_maps]
-    if mask is not None:
-        pictures.append((mask * 255).astype(np.uint8))
-    written = 0
-    for picture in pictures:
-        buffer = io.BytesIO()
-        Image.fromarray(picture).save(buffer, format="PNG")
-        written += buffer.tell()
-    return written
+    pictures = detail_pictures(image, layer_maps, fused, mask, context, "calibrated")
+    shown = [pictures.base, pictures.overlay, pictures.heat, pictures.bar, *pictures.layers]
+    if pictures.mask is not None:
+        shown.append(pictures.mask.astype(np.uint8) * 255)
+    return sum(len(png_bytes(picture)) for picture in shown)
 
 
-def choose(sample: Sample, predict: Callable[[Sample], tuple[np.ndarray, np.ndarray, float]],
-           size: int) -> float:
+def choose(sample: Sample, predict: Callable[[Sample], tuple[np.ndarray, np.ndarray, float]]
+           ) -> float:
     """Seconds from choosing ``sample`` to its encoded pictures."""
     start = time.perf_counter()
     image = read_image(sample.path)
     layer_maps, fused, score = predict(sample)
-    mask = read_mask(sample.mask_path, (size, size)) if sample.mask_path else None
-    show(image, mask, layer_maps, fused, size, threshold=max(score, 1e-3))
+    mask = read_mask(sample.mask_path) if sample.mask_path else None
+    show(image, mask, layer_maps, fused, threshold=max(score, 1e-3))
     return time.perf_counter() - start
 
 
@@ -129,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         samples = _samples(Path(folder), args.images + 1)
-        first_ours = choose(samples[0], ours, args.size)
-        first_base = choose(samples[0], baseline, args.size)
-        ours_times = [choose(s, ours, args.size) for s in samples[1:]]
-        base_times = [choose(s, baseline, args.size) for s in samples[1:]]
+        first_ours = choose(samples[0], ours)
+        first_base = choose(samples[0], baseline)
+        ours_times = [choose(s, ours) for s in samples[1:]]
+        base_times = [choose(s, baseline) for s in samples[1:]]
     results: dict[str, Any] = {
         "machine": machine(device), "weights": weights, "images": len(ours_times),
         "size": args.size, "source": "hazelnut" if HAZELNUT.is_dir() else "generated hex_nut",

@@ -30,12 +30,12 @@ from rd.training import PRESETS, TrainConfig, train
 
 # (dataset name, where it comes from, evaluation size)
 DATASETS = [
-    ("hazelnut", "mvtec", "model"),
-    ("transistor", "mvtec", "model"),
-    ("hex_nut", "builtin", "model"),
-    ("wood", "builtin", "model"),
     ("metal_strip", "hard", "native"),
     ("casting", "hard", "native"),
+    ("hex_nut", "builtin", "model"),
+    ("wood", "builtin", "model"),
+    ("hazelnut", "mvtec", "model"),
+    ("transistor", "mvtec", "model"),
 ]
 SQUARE = {"hazelnut", "transistor", "hex_nut", "wood"}
 # Rows: name -> TrainConfig options. MVTec's 1024² images are tiled at half scale (9 tiles of
@@ -45,11 +45,14 @@ ROWS: dict[str, dict[str, Any]] = {
     "letterbox": {"resize": "letterbox"},
     "tile": {"resize": "tile"},
     "bn": {"teacher_adapt": "bn"},
-    "ssl": {"teacher_adapt": "ssl"},
     "augment auto": {"augment": "auto"},
+    "ssl": {"teacher_adapt": "ssl"},
     "preset robust": {"preset": "robust"},
 }
 TILE_SCALE = {"hazelnut": 0.5, "transistor": 0.5}
+# Runs left out for the shared 2-core CPU's sake (tiling MVTec's 1024² images at half scale is
+# 9 tiles per image: 9x the training time), shown as such in the table.
+NOT_RUN = {("tile", "hazelnut"), ("tile", "transistor")}
 
 
 def load_average() -> str:
@@ -60,7 +63,7 @@ def prepare(work: Path, mvtec: Path | None, seed: int) -> dict[str, tuple[Path, 
     """Every dataset's root folder, generated or held out once."""
     roots: dict[str, tuple[Path, str]] = {}
     builtin = generate_dataset(work / "builtin", ["hex_nut", "wood"])
-    hard = generate_dataset(work / "hard", list(HARD_CATEGORIES), n_train=30, n_test_good=10,
+    hard = generate_dataset(work / "hard", list(HARD_CATEGORIES), n_train=20, n_test_good=10,
                             n_per_defect=6)
     for name, source, _ in DATASETS:
         if source == "mvtec":
@@ -103,9 +106,11 @@ def run(args: argparse.Namespace) -> None:
                                                                  results.open())}
     roots = prepare(work, Path(args.mvtec) if args.mvtec else None, args.seed)
     rows = args.rows.split(",") if args.rows else list(ROWS)
-    for row in rows:
-        for dataset, _, eval_size in DATASETS:
-            if dataset not in roots or (row, dataset, args.seed) in done:
+    wanted = args.datasets.split(",") if args.datasets else [d for d, _, _ in DATASETS]
+    for dataset, _, eval_size in DATASETS:  # one dataset's rows after another
+        for row in rows:
+            if (dataset not in roots or dataset not in wanted or (row, dataset) in NOT_RUN
+                    or (row, dataset, args.seed) in done):
                 continue
             config = config_for(row, dataset, args.epochs, args.seed)
             if config is None:
@@ -159,6 +164,8 @@ def table(work: Path) -> str:
             record = by.get((row, name))
             if record is None and config_for(row, name, 1, 111) is None:
                 cells.append("= paper")
+            elif record is None and (row, name) in NOT_RUN:
+                cells.append("not run (CPU)")
             else:
                 cells.append(cell(record))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -186,6 +193,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--rows", help="comma-separated rows to run (default: all)")
+    parser.add_argument("--datasets", help="comma-separated datasets (default: all)")
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
     args = parser.parse_args()
     if args.table:

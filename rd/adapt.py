@@ -27,7 +27,7 @@ from rd.backbones import Teacher
 
 ADAPT_MODES = ("none", "bn", "ssl")
 BN_BLEND = 0.5  # share of the normal images' statistics in the adapted ones
-SSL_STEPS = 60  # optimizer steps of the compactness fine-tune
+SSL_STEPS = 40  # optimizer steps of the compactness fine-tune
 SSL_LR = 1e-4
 SSL_REGULARISER = 1.0  # weight of the squared distance to the ImageNet weights (per parameter)
 
@@ -113,7 +113,8 @@ def _fine_tune_compact(teacher: Teacher, stage: nn.Module, loader: DataLoader,
             step += 1
             if step >= SSL_STEPS:
                 break
-    drift = float(sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start, strict=True)))
+    with torch.no_grad():
+        drift = float(sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start, strict=True)))
     return {"scope": "deepest stage", "objective": "compactness (PANDA) + L2 to ImageNet",
             "steps": SSL_STEPS, "lr": SSL_LR, "regulariser": SSL_REGULARISER,
             "compactness_first": round(losses[0], 5), "compactness_last": round(losses[-1], 5),

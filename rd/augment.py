@@ -1,9 +1,10 @@
 """In-distribution augmentation of the normal training images (supplement, Appendix D).
 
 ``--augment`` takes ``none`` (the paper), ``auto``, or a comma-separated list of the transforms
-below. Each kept transform adds one augmented copy of every training image (its random draws
-seeded by image and transform, so a run is reproducible); the copies join the training set
-before the teacher's features are cached.
+below. Every training image gets one augmented copy, made by one of the kept transforms drawn
+at random (the draws seeded by the image, so a run is reproducible): the training set doubles,
+whatever the number of transforms, and the copies join it before the teacher's features are
+cached.
 
 ``auto`` keeps only the transforms whose augmented normals stay inside the normal distribution
 as the teacher sees it: for each normal image, the distance of its augmented copy's teacher
@@ -89,6 +90,17 @@ TRANSFORMS: Mapping[str, ImageTransform] = {
 """Geometric and photometric transforms by name: (PIL image, seed) -> PIL image."""
 
 
+class OneOf:
+    """Apply one of ``transforms``, chosen by the seed (an image's augmented copy)."""
+
+    def __init__(self, transforms: Sequence[ImageTransform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Image.Image, seed: int) -> Image.Image:
+        pick = int(_rng(seed + 7919).integers(len(self.transforms)))
+        return self.transforms[pick](image, seed)
+
+
 def parse_augment(value: str) -> list[str] | None:
     """``none`` -> [], ``auto`` -> None (choose), else the listed transform names (checked)."""
     value = value.strip()
@@ -158,8 +170,9 @@ def augmentation(teacher: Teacher, samples: Sequence[Sample], preprocess: Prepro
                  geometry: Geometry, value: str, device: torch.device | None = None,
                  log: Callable[[str], None] | None = None
                  ) -> tuple[list[ImageTransform | None], dict[str, Any]]:
-    """The training transforms for ``--augment value`` (None = the original image first) and
-    what was chosen and why (for the checkpoint's metadata)."""
+    """The training transforms for ``--augment value``: [None] (the originals) and, when any
+    transform is kept, one random kept transform per image; and what was chosen and why (for
+    the checkpoint's metadata)."""
     names = parse_augment(value)
     if names == []:
         return [None], {"mode": "none"}
@@ -172,4 +185,6 @@ def augmentation(teacher: Teacher, samples: Sequence[Sample], preprocess: Prepro
     if log:
         log(f"augment: kept {', '.join(names) or 'nothing'}" + "".join(
             f"; {name}: {entry['why']}" for name, entry in info.get("candidates", {}).items()))
-    return [None, *(TRANSFORMS[name] for name in names)], info
+    if not names:
+        return [None], info
+    return [None, OneOf([TRANSFORMS[name] for name in names])], info

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rd.checkpoints import load_checkpoint
+from rd.checkpoints import CheckpointMetadata, load_checkpoint
 from rd.data import ImageSource, Preprocess
 from rd.errors import RDError
 from rd.geometry import Geometry, NativeMaps, predict_native
@@ -25,13 +25,38 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_CHUNK = 4
 
 
+@dataclass(frozen=True)
+class ImageDetection:
+    """One image's result: its score and maps (numpy, at the model's input resolution, or at
+    the image's own size for letterbox and tile checkpoints)."""
+
+    score: float
+    layer_maps: np.ndarray  # (3, H, W): 1 - cos per teacher layer (strides 4, 8, 16)
+    fused: np.ndarray  # (H, W): the fused, Gaussian-smoothed anomaly map
+
+    def is_defective(self, threshold: float) -> bool:
+        """The decision rule: defective when the score reaches the threshold (``>=``)."""
+        return self.score >= float(threshold)
+
+    def verdict(self, threshold: float) -> str:
+        return "defective" if self.is_defective(threshold) else "normal"
+
+
 @dataclass
 class Detection:
-    """Maps and scores of a batch, at the model's input resolution, as numpy arrays."""
+    """Maps and scores of a batch, at the model's input resolution, as numpy arrays;
+    ``detection[i]`` is image i's ImageDetection."""
 
     layer_maps: np.ndarray  # (N, 3, S, S): 1 - cos per teacher layer (strides 4, 8, 16)
     fused: np.ndarray  # (N, S, S): fused, Gaussian-smoothed anomaly map
     scores: np.ndarray  # (N,): image scores (max of the fused map)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __getitem__(self, index: int) -> ImageDetection:
+        return ImageDetection(float(self.scores[index]), self.layer_maps[index],
+                              self.fused[index])
 
 
 class Detector:
@@ -44,7 +69,7 @@ class Detector:
     one-off compilation of tens of seconds per batch shape, then fewer, fused kernels).
     """
 
-    def __init__(self, model: ReverseDistillation, metadata: dict[str, Any],
+    def __init__(self, model: ReverseDistillation, metadata: Mapping[str, Any],
                  device: str | torch.device | None = None, batch_size: int = 16, *,
                  amp: str | None = None, channels_last: bool = False,
                  compile: bool = False) -> None:
@@ -55,9 +80,9 @@ class Detector:
         self.amp = None if amp is None else AMP_DTYPES[amp]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format).eval()
-        self.metadata = metadata
-        self.preprocess = Preprocess.from_dict(metadata["preprocess"])
-        self.fusion = metadata.get("fusion", "sum")
+        self.metadata = CheckpointMetadata.from_dict(metadata)  # a dict is checked here
+        self.preprocess = Preprocess.from_dict(self.metadata.preprocess)
+        self.fusion = self.metadata.fusion
         self.geometry = Geometry.from_metadata(metadata)  # squash (the paper) unless trained so
         self.batch_size = batch_size
         self._predict = torch.compile(self.model.predict) if compile else self.model.predict
@@ -105,6 +130,10 @@ class Detector:
         result = self.predict_tensor(batch)
         return Detection(result.layer_maps.cpu().numpy(), result.fused.cpu().numpy(),
                          result.scores.cpu().numpy())
+
+    def detect(self, image: ImageSource) -> ImageDetection:
+        """One image's score and maps (``predict`` of a one-image batch)."""
+        return self.predict([image])[0]
 
     def predict_native(self, image: ImageSource) -> NativeMaps:
         """Maps of one image at its original size, fitted to the model as it was trained

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +20,7 @@ from rd import metrics
 from rd.data import ImageDataset, Sample, read_mask, resize_mask
 from rd.detector import Detector
 from rd.errors import RDError
+from rd.files import atomic_write
 
 TARGET_FPRS = (0.01, 0.05, 0.1)
 # Where pixel metrics are computed: "model" S×S maps and masks (the paper's), or "native": the
@@ -109,7 +114,7 @@ def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = F
         "backbone": detector.backbone,
         "image_size": detector.image_size,
         **({} if eval_size == "model" else {"eval_size": eval_size}),
-        "teacher_weights": detector.metadata.get("teacher_weights"),
+        "teacher_weights": detector.metadata.teacher_weights,
         "n_images": len(samples),
         "n_normal": int(normal.sum()),
         "n_defective": int((~normal).sum()),
@@ -154,7 +159,7 @@ def evaluate(detector: Detector, samples: Sequence[Sample], legacy_pro: bool = F
     return report
 
 
-def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """Table rows (name, n, image AUROC, pixel AUROC, AU-PRO) for printing."""
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}"
@@ -166,7 +171,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]
     return rows
 
 
-def format_summary(report: dict[str, Any]) -> str:
+def format_summary(report: Mapping[str, Any]) -> str:
     """The per-defect metrics as an aligned text table (what ``train`` and ``evaluate`` print)."""
     header = ("defect", "n", "img AUROC", "px AUROC", "AU-PRO")
     rows = [header, *summary_rows(report)]
@@ -177,3 +182,113 @@ def format_summary(report: dict[str, Any]) -> str:
     if "legacy_pro" in report:
         lines.append(f"legacy per-image PRO (reference code): {100 * report['legacy_pro']:.1f}")
     return "\n".join(lines)
+
+
+# Headline numbers a report must hold as numbers (or null where a test set has no masks).
+_COUNTS = ("n_images", "n_normal", "n_defective")
+_RATES = ("image_auroc", "pixel_auroc", "au_pro")
+
+
+@dataclass(frozen=True)
+class EvaluationReport(Mapping[str, Any]):
+    """An evaluation report (what ``evaluate`` returns, and ``<checkpoint>.report.json``).
+
+    ``from_dict`` reads today's reports and older ones (fields they lack are None or empty) and
+    names a field of the wrong type; ``to_dict`` gives back the same JSON, keys in their order.
+    Like CheckpointMetadata it is also a read-only mapping of that JSON.
+    """
+
+    n_images: int
+    n_normal: int
+    n_defective: int
+    image_auroc: float | None
+    pixel_auroc: float | None = None
+    au_pro: float | None = None
+    backbone: str | None = None
+    image_size: int | None = None
+    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    normal_scores: dict[str, float] | None = None
+    per_defect: dict[str, dict[str, Any]] = field(default_factory=dict)
+    images: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # ROC curves, timings, legacy_pro...
+    order: tuple[str, ...] = ()  # the keys read, in their order: to_dict writes just those
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "report") -> EvaluationReport:
+        if isinstance(values, EvaluationReport):
+            return values
+        if not isinstance(values, Mapping):
+            raise EvaluationError(f"{source}: not an evaluation report (a JSON object expected)")
+
+        def bad(name: str, wanted: str) -> EvaluationError:
+            return EvaluationError(f"{source}: {name} must be {wanted}, got "
+                                   f"{values.get(name)!r:.60}")
+
+        for name in _COUNTS:
+            if not isinstance(values.get(name), int) or isinstance(values[name], bool):
+                raise bad(name, "a whole number")
+        for name in _RATES:
+            value = values.get(name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)):
+                raise bad(name, "a number or null")
+        for name in ("thresholds", "per_defect"):
+            if not isinstance(values.get(name, {}), Mapping):
+                raise bad(name, "an object")
+        if not isinstance(values.get("images", []), list):
+            raise bad("images", "a list")
+        known = {f.name for f in fields(cls)} - {"extra", "order"}
+        return cls(**{k: v for k, v in values.items() if k in known},
+                   extra={k: v for k, v in values.items() if k not in known},
+                   order=tuple(values))
+
+    @classmethod
+    def read(cls, path: str | Path) -> EvaluationReport:
+        """A report file; EvaluationError if it is no readable report."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            raise EvaluationError(f"cannot read the report {path}: {error}") from None
+        return cls.from_dict(values, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's JSON, as ``evaluate`` made it."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name not in ("extra", "order")}
+        values.update(self.extra)
+        if not self.order:  # made here, not read: every field
+            return values
+        keys = [*self.order, *(k for k in self.extra if k not in self.order)]
+        return {k: values[k] for k in keys if k in values}
+
+    def write(self, path: str | Path) -> None:
+        """Write the JSON (indented), atomically."""
+        text = json.dumps(self.to_dict(), indent=1)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._stored[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    @cached_property
+    def _stored(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def threshold(self, kind: str = "f1") -> float | None:
+        """A suggested decision threshold ("f1", "fpr_0.01"...), None if the report has none."""
+        entry = self.thresholds.get(kind) or {}
+        value = entry.get("threshold")
+        return None if value is None else float(value)
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers and thresholds, as a checkpoint's metadata stores them."""
+        return {**{k: getattr(self, k) for k in (*_RATES, *_COUNTS)},
+                "thresholds": {k: v["threshold"] for k, v in self.thresholds.items()}}
+
+    def table(self) -> str:
+        return format_summary(self)

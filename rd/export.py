@@ -56,13 +56,15 @@ class InferenceGraph(nn.Module):
 
 def onnx_metadata(detector: Detector) -> dict[str, str]:
     """What a consumer of the file needs besides the graph, as ONNX metadata strings."""
-    metrics = detector.metadata.get("metrics", {})
     return {
         "rd.backbone": detector.backbone,
         "rd.preprocess": json.dumps(detector.preprocess.to_dict()),
         "rd.fusion": detector.fusion,
-        "rd.thresholds": json.dumps(metrics.get("thresholds", {})),
-        "rd.category": str(detector.metadata.get("category") or ""),
+        "rd.thresholds": json.dumps(detector.metadata.thresholds),
+        "rd.category": detector.metadata.category or "",
+        # how images were fitted to the input (squash, letterbox or tile; rd.geometry): the graph
+        # takes one S×S input per image or tile, stitching and unpadding are the consumer's
+        "rd.geometry": json.dumps(detector.geometry.to_dict()),
     }
 
 

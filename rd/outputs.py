@@ -27,7 +27,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path | None] = (),
-                  overwrite: bool = False, flag: str = "--overwrite") -> None:
+                  overwrite: bool = False, advice: str = "pass --overwrite to replace it"
+                  ) -> None:
     """Refuse outputs that exist (unless ``overwrite``), or that are one of ``inputs``."""
     given = [Path(p) for p in inputs if p is not None]
     for output in map(Path, outputs):
@@ -38,8 +39,7 @@ def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path | N
         if output.is_dir() and not output.is_symlink():
             raise OutputError(f"{output} is a folder: give a file name")
         if (output.exists() or output.is_symlink()) and not overwrite:
-            raise OutputError(f"{output} exists: pass {flag} to replace it, or choose another "
-                              "name")
+            raise OutputError(f"{output} exists: {advice}, or choose another name")
 
 
 def mirrored_outputs(inputs: Sequence[str | Path], folder: str | Path,

@@ -9,8 +9,8 @@ parses a command line or prints a table: callers do that with what is returned.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,10 +19,18 @@ from rd.checkpoints import read_metadata, update_metadata
 from rd.data import DataError, Sample
 from rd.detector import Detector
 from rd.errors import RDError
-from rd.evaluation import EvaluationError, evaluate
-from rd.files import atomic_write
+from rd.evaluation import EvaluationError, EvaluationReport, evaluate
 from rd.manifest import ModelEntry, register, user_manifest
-from rd.training import TrainConfig, TrainingError, TrainResult, train
+from rd.outputs import check_outputs
+from rd.training import (
+    TrainConfig,
+    TrainResult,
+    current_world,
+    log_path,
+    output_lock,
+    resume_path,
+    train,
+)
 
 
 class DataSet(Protocol):
@@ -39,7 +47,7 @@ class TrainOutcome:
 
     checkpoint: Path
     result: TrainResult
-    report: dict[str, Any] | None = None
+    report: EvaluationReport | None = None
     report_path: Path | None = None
     not_evaluated: str | None = None  # why there is no report (no test set, one class only...)
 
@@ -64,8 +72,21 @@ def train_and_evaluate(data: DataSet, config: TrainConfig, out: str | Path, *,
     """
     config.validate()
     out = Path(out)
-    if out.exists() and not (resume or overwrite):
-        raise TrainingError(f"{out} exists: pass --overwrite to replace it, or --resume")
+    # One run at a time per output, from the check to the report (rank 0 holds it under DDP).
+    with output_lock(out) if current_world().main else nullcontext():
+        # the checkpoint and every file written beside it (issue 13: the log and report were
+        # replaced silently); never one of the run's own inputs
+        check_outputs([out, log_path(out), report_path(out), resume_path(out)],
+                      [config.init, config.teacher_weights], overwrite=resume or overwrite,
+                      advice="pass --overwrite to replace it, or --resume to continue that run")
+        return _train_and_evaluate(data, config, out, metadata, resume, evaluate_after,
+                                   progress, on_epoch)
+
+
+def _train_and_evaluate(data: DataSet, config: TrainConfig, out: Path,
+                        metadata: Mapping[str, Any] | None, resume: bool, evaluate_after: bool,
+                        progress: bool, on_epoch: Callable[[dict[str, Any]], None] | None
+                        ) -> TrainOutcome:
     stored = {"category": getattr(data, "category", None), "data": repr(data),
               **(metadata or {})}
     result = train(data.train_samples(), config, out, stored, resume=resume, progress=progress,
@@ -76,7 +97,7 @@ def train_and_evaluate(data: DataSet, config: TrainConfig, out: str | Path, *,
     try:
         test = data.test_samples()
         detector = Detector(result.model, read_metadata(out), config.device)
-        report = evaluate(detector, test, progress=progress)
+        report = EvaluationReport.from_dict(evaluate(detector, test, progress=progress))
     except (DataError, EvaluationError) as error:
         outcome.not_evaluated = str(error)
         return outcome
@@ -85,22 +106,14 @@ def train_and_evaluate(data: DataSet, config: TrainConfig, out: str | Path, *,
     return outcome
 
 
-def record_evaluation(checkpoint: str | Path, report: dict[str, Any]) -> Path:
+def record_evaluation(checkpoint: str | Path, report: EvaluationReport) -> Path:
     """Store the report's headline metrics, thresholds and normal-score statistics in the
     checkpoint's metadata, and the full report beside it; returns the report's path."""
-    update_metadata(checkpoint, {"metrics": metrics_summary(report),
-                                 "normal_scores": report["normal_scores"]})
+    update_metadata(checkpoint, {"metrics": report.summary(),
+                                 "normal_scores": report.normal_scores})
     path = report_path(checkpoint)
-    text = json.dumps(report, indent=1)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    report.write(path)
     return path
-
-
-def metrics_summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of a report and its thresholds, as stored in checkpoint metadata."""
-    keys = ("image_auroc", "pixel_auroc", "au_pro", "n_images", "n_normal", "n_defective")
-    return {**{k: report[k] for k in keys},
-            "thresholds": {k: v["threshold"] for k, v in report["thresholds"].items()}}
 
 
 class RegistrationError(RDError, ValueError):
@@ -118,10 +131,10 @@ def register_model(checkpoint: str | Path, dataset: str, category: str | None = 
     """
     checkpoint = Path(checkpoint)
     meta = read_metadata(checkpoint)
-    category = category or meta.get("category")
+    category = category or meta.category
     if not category:
         raise RegistrationError("the checkpoint names no category: pass --category")
     manifest = Path(manifest) if manifest is not None else user_manifest()
-    return register(manifest, checkpoint, dataset, category, meta.get("backbone"),
-                    command=meta.get("command", ""), report=meta.get("metrics", {}),
+    return register(manifest, checkpoint, dataset, category, meta.backbone,
+                    command=meta.command, report=meta.metrics or {},
                     copy=True, metadata=meta)

@@ -6,7 +6,8 @@ server, a second browser tab or the command line finds what another one computed
 or renamed folder costs nothing. Scores live in one SQLite database (safe with several writer
 processes); reports are JSON files written atomically.
 
-One rule turns a score into a verdict everywhere: ``score >= threshold`` is defective.
+Verdicts are not stored: one rule makes them from a stored score and the threshold in use
+(``rd.detector.ImageDetection.verdict``).
 """
 
 from __future__ import annotations
@@ -35,16 +36,6 @@ _QUERY_CHUNK = 500  # SQLite's limit on host parameters is 999 in old builds
 
 class ResultsError(RDError, ValueError):
     """The results store cannot be used as asked."""
-
-
-def is_defective(score: float, threshold: float) -> bool:
-    """The one decision rule of the project: an image is defective when its score reaches the
-    threshold (``>=``; a threshold taken from a score flags that image)."""
-    return float(score) >= float(threshold)
-
-
-def verdict(score: float, threshold: float) -> str:
-    return "defective" if is_defective(score, threshold) else "normal"
 
 
 def bytes_digest(data: bytes) -> str:
@@ -103,7 +94,8 @@ class ResultsStore:
         self.root.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.root / "scores.sqlite", timeout=60)
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for writers
+            connection.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent on a crash
             connection.execute("CREATE TABLE IF NOT EXISTS scores (model TEXT NOT NULL, "
                                "image TEXT NOT NULL, score REAL NOT NULL, "
                                "PRIMARY KEY (model, image))")

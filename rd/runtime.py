@@ -138,8 +138,11 @@ def _stamp(path: Path, key: str) -> None:
     import onnx
 
     model = onnx.load(str(path))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = CACHE_KEY, key
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != CACHE_KEY]
+    del model.metadata_props[:]
+    for name, value in [*kept, (CACHE_KEY, key)]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = name, value
     onnx.save(model, str(path))
 
 
@@ -174,14 +177,23 @@ class OnnxDetector(Detector):
                             for outputs in zip(*parts, strict=True)))
 
 
-def select_runtime(detector: Detector, checkpoint: str | Path | None, runtime: str = "auto",
-                   *, torch_only_options: bool = False) -> tuple[Detector, RuntimeChoice]:
+def default_runtime() -> str:
+    """``$RD_RUNTIME`` when set (the test suite sets torch: no export per tiny model), else
+    auto."""
+    return os.environ.get("RD_RUNTIME") or "auto"
+
+
+def select_runtime(detector: Detector, checkpoint: str | Path | None,
+                   runtime: str | None = None, *, torch_only_options: bool = False
+                   ) -> tuple[Detector, RuntimeChoice]:
     """``detector`` itself (torch) or an OnnxDetector, as ``runtime`` asks.
 
-    ``auto`` picks onnxruntime on the CPU when it is installed, no torch-only option
-    (``--amp``, ``--channels-last``, ``--compile``) was asked and the model exports; torch
-    otherwise. ``onnxruntime`` asked for explicitly fails clearly when it cannot run.
+    ``auto`` (the default, see ``default_runtime``) picks onnxruntime on the CPU when it is
+    installed, no torch-only option (``--amp``, ``--channels-last``, ``--compile``) was asked
+    and the model exports; torch otherwise. ``onnxruntime`` asked for explicitly fails clearly
+    when it cannot run.
     """
+    runtime = runtime or default_runtime()
     if runtime not in RUNTIMES:
         raise RuntimeUnavailable(f"unknown runtime {runtime!r}; "
                                  f"choose one of {', '.join(RUNTIMES)}")
@@ -211,7 +223,7 @@ def select_runtime(detector: Detector, checkpoint: str | Path | None, runtime: s
 
 
 def load_runtime(checkpoint: str | Path, device: str | torch.device | None = "cpu",
-                 runtime: str = "auto", teacher_weights: str | Path | None = None,
+                 runtime: str | None = None, teacher_weights: str | Path | None = None,
                  **options) -> tuple[Detector, RuntimeChoice]:
     """``rd.load`` plus ``select_runtime``: what the app and commands call to get a model."""
     detector = load(checkpoint, device, teacher_weights, **options)

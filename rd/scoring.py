@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from rd.data import IMAGE_SUFFIXES, DataError, Preprocess, read_image
 from rd.detector import Detector
 from rd.files import atomic_write
+from rd.outputs import check_outputs, mirrored_outputs
 from rd.visualize import colorize, overlay
 
 FORMATS = ("csv", "jsonl")
@@ -78,7 +79,7 @@ def _expand(entry: str) -> list[Path]:
         return images
     path = Path(entry)
     if path.is_dir():
-        images = list(_folder_images(path))
+        images = sorted(_folder_images(path))
         if not images:
             raise ScoringError(f"{path}: no image files in this folder or below it "
                                f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -118,9 +119,11 @@ def collect_inputs(entries: Sequence[str | Path], list_file: str | Path | None =
 class _ImageFiles(Dataset):
     """Decoded, preprocessed images; a file that cannot be read yields its error instead."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Preprocess) -> None:
+    def __init__(self, paths: Sequence[str], preprocess: Preprocess, native: bool = False
+                 ) -> None:
         self.paths = paths
         self.preprocess = preprocess
+        self.native = native  # the decoded RGB pixels, for a letterbox or tile checkpoint
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -130,10 +133,11 @@ class _ImageFiles(Dataset):
         started = time.perf_counter()
         try:
             image = read_image(self.paths[index])
-            tensor, error = self.preprocess(image), ""
+            tensor = np.asarray(image) if self.native else self.preprocess(image)
+            error = ""
             width, height = image.size
         except Exception as exc:  # any reader failure becomes this image's error row
-            tensor = torch.zeros(3, size, size)
+            tensor = np.zeros((1, 1, 3), np.uint8) if self.native else torch.zeros(3, size, size)
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             width = height = 0
         return {"index": index, "image": tensor, "error": error, "width": width,
@@ -224,13 +228,14 @@ class ScoringSummary:
     errors: int
     defective: int
     seconds: float
+    first_error: str | None = None  # "<path>: <reason>" of the first unreadable image
 
     @property
     def images_per_second(self) -> float:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
 
 
-def _distributed() -> tuple[int, int]:
+def init_distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun; (0, 1) otherwise. Joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -255,15 +260,39 @@ def _save_maps(folder: Path, relative: Path, path: str, fused: np.ndarray,
     image = read_image(path)
     top = 2 * threshold if threshold else float(fused.max()) or 1.0
     blended = overlay(image, colorize(fused, 0.0, top))
-    stem = folder / relative.with_suffix("")
-    atomic_write(stem.with_name(stem.name + ".png"),
+    atomic_write(folder / relative.with_suffix(".png"),
                  lambda tmp: blended.save(tmp, format="PNG"))
 
     def write_npy(tmp: Path) -> None:
         with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy"
             np.save(handle, fused)
 
-    atomic_write(stem.with_name(stem.name + ".npy"), write_npy)
+    atomic_write(folder / relative.with_suffix(".npy"), write_npy)
+
+
+def check_output(out: Path, output_format: str | None = None, resume: bool = False) -> str:
+    """The output's format (csv or jsonl); refuses an existing output unless resuming."""
+    output_format = output_format or out.suffix.lstrip(".").lower()
+    if output_format not in FORMATS:
+        raise ScoringError(f"{out}: say the output format with --csv or --jsonl (or name the "
+                           "file .csv or .jsonl)")
+    if out.is_dir():
+        raise ScoringError(f"{out} is a folder: give a file name")
+    if not resume and (out.exists() or _parts(out)):
+        raise ScoringError(f"{out} exists: add --resume to continue it, or remove it")
+    return output_format
+
+
+def rank_zero_first(function: Callable[[], Any]) -> Any:
+    """Run ``function`` on rank 0 before the other ranks (e.g. a model load that writes a
+    cache the others then read); just run it outside torchrun."""
+    rank, world = init_distributed()
+    if world > 1 and rank != 0:
+        dist.barrier()
+    result = function()
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return result
 
 
 def score(detector: Detector, inputs: Inputs, out: Path | None = None,
@@ -271,32 +300,33 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
           threshold: float | None = None, save_maps: str = "none", maps_dir: Path | None = None,
           workers: int | None = None, progress: bool = True,
           print_row: Callable[[str], None] | None = None,
-          static_batches: bool = False) -> ScoringSummary:
+          static_batches: bool = False, overwrite: bool = False) -> ScoringSummary:
     """Score ``inputs`` with ``detector``, writing one row per image to ``out``.
 
     ``output_format`` is csv or jsonl (default: from the suffix of ``out``). Without ``out``
     each row goes to ``print_row`` (the command line prints it). ``threshold`` overrides the
     checkpoint's F1 threshold for the verdict. ``save_maps`` writes an overlay and the raw
-    map of no image, the defective ones or all under ``maps_dir``. ``static_batches`` pads the
+    map of no image, the defective ones or all under ``maps_dir`` (existing ones only with
+    ``resume`` or ``overwrite``). ``static_batches`` pads the
     last batch to the batch size (one shape for a compiled graph).
     """
-    rank, world = _distributed()
+    rank, world = init_distributed()
     if save_maps not in SAVE_MAPS:
         raise ScoringError(f"--save-maps takes one of {', '.join(SAVE_MAPS)}; got {save_maps!r}")
     if save_maps != "none" and maps_dir is None:
         raise ScoringError("--save-maps needs a folder for the maps: pass --out DIR")
     if out is not None:
-        output_format = output_format or out.suffix.lstrip(".").lower()
-        if output_format not in FORMATS:
-            raise ScoringError(f"{out}: say the output format with --csv or --jsonl (or name "
-                               "the file .csv or .jsonl)")
-        if not resume and (out.exists() or _parts(out)):
-            raise ScoringError(f"{out} exists: add --resume to continue it, or remove it")
+        output_format = check_output(out, output_format, resume)
     elif world > 1:
         raise ScoringError("under torchrun, write the rows to a file: --csv FILE or --jsonl FILE")
     if threshold is None:
-        threshold = detector.metadata.get("metrics", {}).get("thresholds", {}).get("f1")
-        threshold = None if threshold is None else float(threshold)
+        threshold = detector.metadata.threshold("f1")
+    if save_maps != "none":  # refuses two inputs that would share a map's name
+        planned = mirrored_outputs(inputs.paths, maps_dir, (".png", ".npy"))
+        if not resume:
+            check_outputs([p for paths in planned for p in paths.values()], inputs.paths,
+                          overwrite)
+        del planned
 
     done: set[str] = set()
     if out is not None and resume:
@@ -310,24 +340,33 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
 
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     cuda = detector.device.type == "cuda"
-    loader = DataLoader(_ImageFiles([inputs.paths[i] for i in todo], detector.preprocess),
-                        batch_size=detector.batch_size, num_workers=workers,
+    # A letterbox or tile checkpoint fits each image at its own size: one image per step.
+    native = not detector.geometry.is_paper
+    loader = DataLoader(_ImageFiles([inputs.paths[i] for i in todo], detector.preprocess,
+                                    native),
+                        batch_size=1 if native else detector.batch_size, num_workers=workers,
                         pin_memory=cuda, persistent_workers=False,
                         prefetch_factor=2 if workers else None)
     bar = tqdm(total=len(todo), desc=f"predict{f' rank {rank}' if world > 1 else ''}",
                unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
     started = time.perf_counter()
     scored = errors = defective = 0
+    first_error = None
     try:
         for batch in loader:
             model_started = time.perf_counter()
             images = batch["image"]
             count = len(images)
-            if static_batches:
-                images = _pad(images, detector.batch_size)
-            prediction = detector.predict_tensor(images)
-            scores = prediction.scores[:count].float().cpu().numpy()
-            fused = prediction.fused[:count] if save_maps != "none" else None
+            if native:
+                found = None if batch["error"][0] else detector.detect(images[0].numpy())
+                scores = [found.score if found else 0.0]
+                fused = [found.fused if found else None]
+            else:
+                if static_batches:
+                    images = _pad(images, detector.batch_size)
+                prediction = detector.predict_tensor(images)
+                scores = prediction.scores[:count].float().cpu().numpy()
+                fused = prediction.fused[:count]
             share = (time.perf_counter() - model_started) / count
             for j in range(count):
                 path = inputs.paths[todo[int(batch["index"][j])]]
@@ -346,9 +385,11 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
                     if save_maps == "all" or (save_maps == "defective"
                                               and verdict == "defective"):
                         _save_maps(maps_dir, inputs.relative(path), path,
-                                   fused[j].float().cpu().numpy(), threshold)
+                                   np.asarray(torch.as_tensor(fused[j]).float().cpu()),
+                                   threshold)
                 else:
                     errors += 1
+                    first_error = first_error or f"{path}: {error}"
                 scored += 1
                 if writer is not None:
                     writer.write(row)
@@ -369,7 +410,8 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
         if rank == 0:
             merge_parts(out, output_format, inputs)
         dist.barrier()
-    return ScoringSummary(len(inputs.paths), len(done), scored, errors, defective, seconds)
+    return ScoringSummary(len(inputs.paths), len(done), scored, errors, defective, seconds,
+                          first_error)
 
 
 def merge_parts(out: Path, output_format: str, inputs: Inputs) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see rd/__init__.py
+# Commands and the app run the torch runtime in tests: the default (auto) would export every
+# tiny model to ONNX first (tens of seconds each). tests/unit/test_runtime.py covers that path.
+os.environ.setdefault("RD_RUNTIME", "torch")
 
 from dataclasses import dataclass
 from pathlib import Path

@@ -22,7 +22,8 @@ from app.views.curves import (
     small_classes,
 )
 from rd.data import DataError, list_categories
-from rd.manifest import ManifestError, ModelEntry, all_models
+from rd.errors import RDError
+from rd.manifest import ManifestError, ModelEntry, all_models, models_for
 
 SUGGESTIONS = {"f1": "F1-optimal", "fpr_0.01": "FPR ≤ 1%", "fpr_0.05": "FPR ≤ 5%",
                "fpr_0.1": "FPR ≤ 10%"}
@@ -171,33 +172,61 @@ def _warn_small(counts: dict[str, int]) -> None:
 
 
 def _category_models(chosen: state.Selection) -> dict[str, ModelEntry]:
-    """One model per category of the chosen data: the selected one for this category, else
-    the selected backbone's, else any."""
+    """One model per category of the chosen data: the picked one for this category; for the
+    others the best of the picked backbone, else the best of any."""
     try:
         categories = list_categories(chosen.source.root)
-        entries = [e for e in all_models() if e.dataset == chosen.source.name]
+        models: dict[str, ModelEntry] = {}
+        for category in categories:
+            if category == chosen.category:
+                if chosen.entry is not None:
+                    models[category] = chosen.entry
+                continue
+            best = (models_for(chosen.source.name, category, chosen.backbone)
+                    or models_for(chosen.source.name, category))
+            if best:
+                models[category] = best[0]
     except (DataError, ManifestError) as error:
         st.warning(f"Cannot list the categories' models: {error}")
         return {}
-    models: dict[str, ModelEntry] = {}
-    for category in categories:
-        own = [e for e in entries if e.category == category]
-        if category == chosen.category and chosen.entry is not None:
-            models[category] = chosen.entry
-        elif own:
-            models[category] = next((e for e in own if e.backbone == chosen.backbone), own[0])
     return models
+
+
+def _category_evaluations(chosen: state.Selection) -> dict[str, tuple[ModelEntry,
+                                                                         state.Evaluation]]:
+    """What is known of each category's model on its test set (missing results are computed
+    in the background, one model at a time)."""
+    found = {}
+    for category, entry in _category_models(chosen).items():
+        try:
+            path = entry.verify()
+            detector = state.load_model(str(path), path.stat().st_mtime, chosen.device)
+        except (RDError, OSError, ValueError) as error:
+            st.warning(f"{category}: the model cannot be used: {error}")
+            continue
+        other = dataclasses.replace(chosen, category=category, backbone=entry.backbone,
+                                    entry=entry, models=(entry,))
+        found[category] = (entry, state.evaluation(other, detector))
+    return found
+
+
+@st.fragment(run_every=state.POLL_S)
+def _wait_for_categories(chosen: state.Selection) -> None:
+    """Rerun the page once every category's results are in."""
+    if all(e.complete or e.error for _, e in _category_evaluations(chosen).values()):
+        st.rerun()
 
 
 def _across_categories(chosen: state.Selection) -> None:
     """Per-class ROC curves: every category of the chosen data that has a model, on one
     figure, each legend entry with its AUROC."""
-    models = _category_models(chosen)
-    curves, counts, rows = {}, {}, []
-    for category, entry in models.items():
-        report = state.report_for(dataclasses.replace(chosen, category=category,
-                                                      backbone=entry.backbone, entry=entry))
+    evaluations = _category_evaluations(chosen)
+    curves, counts, rows, pending = {}, {}, [], []
+    for category, (entry, found) in evaluations.items():
+        report = found.report
         if report is None:
+            pending.append(f"{category} ({found.done}/{found.total})" if not found.error
+                           else f"{category} (failed: {found.error})")
             continue
         name = f"{category} ({entry.backbone})"
         curves[auroc_label(name, report["image_auroc"])] = report["image_roc"]
@@ -206,9 +235,16 @@ def _across_categories(chosen: state.Selection) -> None:
                      "test images": report["n_images"],
                      "image AUROC %": _pct(report["image_auroc"]),
                      "pixel AUROC %": _pct(report["pixel_auroc"])})
-    if len(curves) < 2:
+    if pending:
+        st.caption("Still being scored: " + ", ".join(pending) + "; they join the figure when "
+                   "done.")
+        if any("failed" not in p for p in pending):
+            _wait_for_categories(chosen)
+    if len(evaluations) < 2:
         st.caption(f"Only {chosen.category} of {chosen.source.name} has a model: train one on "
                    "another category to compare them here.")
+        return
+    if not curves:
         return
     _warn_small(counts)
     left, right = st.columns(2)
@@ -262,10 +298,7 @@ def _compare(chosen: state.Selection) -> None:
 
 def main() -> None:
     st.title("Evaluate")
-    chosen, detector = state.require_model()
-    report = state.report_for(chosen)
-    if report is None:
-        st.stop()
+    chosen, detector, report = state.require_report()
     state.current_threshold(chosen, detector, report)
     labels, scores = _labels_scores(report)
     st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "

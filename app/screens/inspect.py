@@ -7,7 +7,6 @@ and the colour controls redraw the detail alone). Thumbnails are cached JPEG byt
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,10 @@ import streamlit as st
 from app import state
 from app.views.detail import (
     DetailPictures,
-    Verdict,
     detail_pictures,
+    display_size,
     download_name,
+    fit_mask,
     npy_bytes,
     png_bytes,
     show_maps,
@@ -52,23 +52,6 @@ def thumbnail(path: str, mtime: float, size: int = THUMBNAIL_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def predict_upload(checkpoint: str, mtime: float, device: str, digest: str, data: bytes,
-                   name: str) -> dict:
-    del digest  # the bytes are hashed too; the digest keeps the key readable
-    detector = state.load_model(checkpoint, mtime, device)
-    image = read_image_bytes(data, name)
-    detection = state.predict(detector, [image])
-    return {"layer_maps": detection.layer_maps[0], "fused": detection.fused[0],
-            "score": float(detection.scores[0]), "name": name}
-
-
-def defects_key(chosen: state.Selection) -> str:
-    """The defect filter's widget key: one per data source and category, so switching
-    category never carries one category's choice (or its missing types) into another."""
-    return f"inspect_defects::{chosen.source.name}::{chosen.category}"
-
-
 def _open(path: str) -> None:
     """Button callback: runs before the fragment, so the detail shows in the same rerun."""
     st.session_state.inspect_item = path
@@ -88,7 +71,8 @@ def _filtered(chosen: state.Selection, samples: list[Sample], scores: dict[str, 
               ) -> list[Sample]:
     defects = sorted({s.defect for s in samples})
     left, right = st.columns([3, 1])
-    shown = left.multiselect("Defect types", defects, default=defects, key=defects_key(chosen))
+    shown = left.multiselect("Defect types", defects, default=defects,
+                             key=state.category_key(chosen, "inspect_defects"))
     order = right.selectbox("Sort by", ["name", "score ↓", "score ↑"], key="inspect_sort")
     picked = [s for s in samples if s.defect in shown]
     if order != "name" and scores:
@@ -110,7 +94,8 @@ def _grid(samples: list[Sample], scores: dict[str, float], threshold: float | No
                 if score is not None:
                     caption += f" · {score:.3f}"
                     if threshold is not None:
-                        caption += " ⚠" if Verdict(score, threshold).defective else " ✓"
+                        defective = state.verdict(score, threshold) == "defective"
+                        caption += " ⚠" if defective else " ✓"
                 try:
                     column.image(thumbnail(str(sample.path), sample.path.stat().st_mtime),
                                  caption=caption, width="stretch")
@@ -124,10 +109,10 @@ def _grid(samples: list[Sample], scores: dict[str, float], threshold: float | No
 # ---------------------------------------------------------------------------- the detail
 
 
-def _context(detector, report: dict | None, score: float, threshold: float) -> ScaleContext:
+def _context(detector, report: dict | None, scores: dict[str, float], score: float,
+             threshold: float) -> ScaleContext:
     normal = detector.metadata.get("normal_scores") or (report or {}).get("normal_scores") or {}
-    category_max = max(i["score"] for i in report["images"]) if report else score
-    return ScaleContext(category_max, normal.get("p99"), threshold)
+    return ScaleContext(max([score, *scores.values()]), normal.get("p99"), threshold)
 
 
 def _colour_controls() -> dict[str, Any]:
@@ -147,51 +132,67 @@ def _colour_controls() -> dict[str, Any]:
     }
 
 
-def _downloads(names: dict[str, str], pictures: DetailPictures, maps: dict,
+def _downloads(names: dict[str, str], pictures: DetailPictures, maps: Any,
                size: tuple[int, int]) -> None:
-    """Overlay and heat map as PNG, fused and layer maps as .npy (at ``size``), built only
-    when clicked."""
+    """Overlay and heat map as PNG, fused and layer maps as .npy (at ``size``), each built
+    only when its button is pressed."""
     columns = st.columns(4)
     columns[0].download_button("Overlay (PNG)", lambda: png_bytes(pictures.overlay),
                                names["overlay"], "image/png", key="dl_overlay",
                                on_click="ignore")
     columns[1].download_button("Heat map (PNG)", lambda: png_bytes(pictures.heat),
                                names["heat"], "image/png", key="dl_png", on_click="ignore")
-    columns[2].download_button("Fused map (.npy)", lambda: npy_bytes(to_size(maps["fused"], size)),
+    columns[2].download_button("Fused map (.npy)", lambda: npy_bytes(to_size(maps.fused, size)),
                                names["npy"], key="dl_npy", on_click="ignore")
     columns[3].download_button(
         f"Layer maps (.npy, 3×{size[1]}×{size[0]})",
-        lambda: npy_bytes(np.stack([to_size(layer, size) for layer in maps["layer_maps"]])),
+        lambda: npy_bytes(np.stack([to_size(layer, size) for layer in maps.layer_maps])),
         names["layers"], key="dl_layers", on_click="ignore")
 
 
-def _show(chosen: state.Selection, detector, report: dict | None, *, title: str, image,
-          maps: dict, mask: np.ndarray | None, defect: str, score: float) -> None:
+def _show(chosen: state.Selection, detector, found: state.Evaluation | None, *, title: str,
+          image, detection: state.ImageDetection, mask: np.ndarray | None, defect: str
+          ) -> None:
     """The detail block of one image: verdict, colour controls, pictures, downloads."""
+    report = found.report if found else None
     threshold = state.current_threshold(chosen, detector, report)
-    verdict = Verdict(score, threshold)
     top = st.columns([2, 1, 1, 2])
     top[0].subheader(title)
-    show_verdict(top[1:3], verdict)
+    show_verdict(top[1:3], detection.score, threshold, detection.verdict(threshold))
     top[3].caption(f"Threshold {threshold:.4f} (set it on the Evaluate page); flagged "
                    "defective when score ≥ threshold. Score = maximum of the smoothed fused "
                    "map.")
     options = _colour_controls()
     model = detector.image_size
     size = (model, model) if options["model_size"] else None
-    pictures = detail_pictures(image, maps["layer_maps"], maps["fused"], mask,
-                               _context(detector, report, score, threshold), options["mode"],
-                               options["opacity"], options["contours"], size)
+    context = _context(detector, report, found.scores if found else {}, detection.score,
+                       threshold)
+    pictures = detail_pictures(image, detection.layer_maps, detection.fused, mask, context,
+                               options["mode"], options["opacity"], options["contours"], size)
     shown = (pictures.base.shape[1], pictures.base.shape[0])
     st.caption(f"{image.width}×{image.height} image, shown at {shown[0]}×{shown[1]}; the model "
                f"sees it at {model}×{model}.")
     show_maps(pictures)
     out_size = (model, model) if options["model_size"] else image.size
     name = Path(title).name
-    _downloads({kind: download_name(chosen.category, defect, name, kind, extension)
-                for kind, extension in (("overlay", "png"), ("heat", "png"), ("layers", "npy"))}
-               | {"npy": download_name(chosen.category, defect, name, "heat", "npy")},
-               pictures, maps, out_size)
+    names = {kind: download_name(chosen.category, defect, name, kind, extension)
+             for kind, extension in (("overlay", "png"), ("heat", "png"), ("layers", "npy"))}
+    names["npy"] = download_name(chosen.category, defect, name, "heat", "npy")
+    _downloads(names, pictures, detection, out_size)
+
+
+def _show_without_model(title: str, image, mask: np.ndarray | None) -> None:
+    """Browsing data that has no model: the image and its ground truth."""
+    st.subheader(title)
+    size = display_size(*image.size)
+    columns = st.columns(2)
+    columns[0].image(np.asarray(image.resize(size)), caption=f"input ({image.width}×"
+                     f"{image.height})", output_format="PNG", width="stretch")
+    if mask is not None:
+        columns[1].image(fit_mask(mask, size).astype(np.uint8) * 255, caption="ground truth",
+                         output_format="PNG", width="stretch")
+    else:
+        columns[1].info("No ground-truth mask for this image.")
 
 
 def _sample_of(chosen: state.Selection, path: str) -> Sample | None:
@@ -199,7 +200,8 @@ def _sample_of(chosen: state.Selection, path: str) -> Sample | None:
 
 
 @st.fragment
-def _test_image_detail(chosen: state.Selection, detector, report: dict | None) -> None:
+def _test_image_detail(chosen: state.Selection, detector, found: state.Evaluation | None
+                       ) -> None:
     """The open test image with next/previous; reruns alone when its own controls change."""
     path = st.session_state.get("inspect_item")
     if path is None:
@@ -213,33 +215,52 @@ def _test_image_detail(chosen: state.Selection, detector, report: dict | None) -
                          on_click=_step, args=(1,), shortcut="ArrowRight", width="stretch",
                          help="Next image of the grid (→ key)")
     sample = _sample_of(chosen, path)
+    title = "/".join(Path(path).parts[-2:])
     try:
         image = read_image(path)
-        maps = state.maps_for(chosen, detector, Path(path))
         mask = (read_mask(sample.mask_path) if sample is not None and sample.mask_path
                 else None)
+        if detector is None:
+            _show_without_model(title, image, mask)
+            return
+        detection = state.detect(chosen, detector, Path(path))
     except (DataError, OSError) as error:
         st.error(f"Cannot show this image: {error}")
         return
-    stored = {i["path"]: i["score"] for i in (report or {}).get("images", [])}
-    # One verdict everywhere: the stored score of the test image when there is one.
-    score = stored.get(path, maps["score"])
-    _show(chosen, detector, report, title="/".join(Path(path).parts[-2:]), image=image,
-          maps=maps, mask=mask, defect=sample.defect if sample else "test", score=score)
+    _show(chosen, detector, found, title=title, image=image, detection=detection, mask=mask,
+          defect=sample.defect if sample else "test")
 
 
 @st.fragment
-def _browser(chosen: state.Selection, detector, report: dict | None, samples: list[Sample],
-             scores: dict[str, float]) -> None:
+def _browser(chosen: state.Selection, detector, found: state.Evaluation | None,
+             samples: list[Sample]) -> None:
     """The grid beside the open image's detail."""
     grid, detail = st.columns([2, 3], gap="medium")
     with detail:
-        _test_image_detail(chosen, detector, report)
+        _test_image_detail(chosen, detector, found)
     with grid:
-        _grid(samples, scores, st.session_state.get(state.threshold_key(chosen)))
+        _grid(samples, found.scores if found else {},
+              st.session_state.get(state.threshold_key(chosen)))
+
+
+@st.fragment(run_every=state.POLL_S)
+def _scoring(chosen: state.Selection, detector) -> None:
+    """While the test set is being scored (in the background, once per model): its progress;
+    the page reruns once with every score when it is done."""
+    found = state.evaluation(chosen, detector)
+    if found.complete or found.error:
+        st.rerun()
+    st.progress(found.done / max(1, found.total),
+                text=f"Scoring the test images… {found.done}/{found.total} (kept: once per "
+                     "model); the images can be opened meanwhile")
 
 
 # ----------------------------------------------------------------------------- uploads
+
+
+def _uploader_key() -> str:
+    """The uploader's key: a new one empties the widget when the uploads are forgotten."""
+    return f"inspect_uploads::{st.session_state.get('inspect_uploader_round', 0)}"
 
 
 def _remember_uploads() -> None:
@@ -247,15 +268,10 @@ def _remember_uploads() -> None:
     stored = st.session_state.setdefault(UPLOADS, {})
     for upload in st.session_state.get(_uploader_key()) or []:
         data = upload.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest not in stored:
-            stored[digest] = {"name": upload.name, "data": data, "size": upload.size}
-            st.session_state[UPLOAD_PICKED] = digest
-
-
-def _uploader_key() -> str:
-    """The uploader's key: a new one empties the widget when the uploads are forgotten."""
-    return f"inspect_uploads::{st.session_state.get('inspect_uploader_round', 0)}"
+        key = f"{upload.name}::{len(data)}::{hash(data)}"
+        if key not in stored:
+            stored[key] = {"name": upload.name, "data": data, "size": upload.size}
+            st.session_state[UPLOAD_PICKED] = key
 
 
 def _forget_uploads() -> None:
@@ -269,7 +285,7 @@ def _pick_upload() -> None:
     st.session_state[UPLOAD_PICKED] = st.session_state["inspect_upload_radio"]
 
 
-def _upload_detail(chosen: state.Selection, detector, report: dict | None, digest: str,
+def _upload_detail(chosen: state.Selection, detector, found: state.Evaluation | None,
                    upload: dict) -> None:
     name, data = upload["name"], upload["data"]
     try:
@@ -277,49 +293,61 @@ def _upload_detail(chosen: state.Selection, detector, report: dict | None, diges
             raise DataError(f"{name}: {upload['size'] / 1e6:.1f} MB is over the "
                             f"{state.MAX_UPLOAD_MB} MB limit")
         image = read_image_bytes(data, name)
+        if detector is None:
+            _show_without_model(name, image, None)
+            return
+        detection = state.detect(chosen, detector, data, name=name)
     except DataError as error:
         st.error(f"Cannot read this upload: {error}")
         return
-    checkpoint = chosen.checkpoint
-    maps = predict_upload(str(checkpoint), checkpoint.stat().st_mtime, chosen.device, digest,
-                          data, name)
-    _show(chosen, detector, report, title=name, image=image, maps=maps, mask=None,
-          defect="upload", score=maps["score"])
+    _show(chosen, detector, found, title=name, image=image, detection=detection, mask=None,
+          defect="upload")
 
 
 @st.fragment
-def _uploads(chosen: state.Selection, detector, report: dict | None) -> None:
+def _uploads(chosen: state.Selection, detector, found: state.Evaluation | None) -> None:
     st.file_uploader("Images (PNG, JPEG, BMP, TIFF, WebP)", accept_multiple_files=True,
                      type=UPLOAD_TYPES, max_upload_size=state.MAX_UPLOAD_MB,
                      key=_uploader_key(), on_change=_remember_uploads)
-    _remember_uploads()  # AppTest and a rerun with files still in the widget
+    _remember_uploads()  # files handed over without the callback (AppTest)
     stored = st.session_state.get(UPLOADS) or {}
     if not stored:
         return
-    digests = list(stored)
+    keys = list(stored)
     picked = st.session_state.get(UPLOAD_PICKED)
     if picked not in stored:
-        picked = st.session_state[UPLOAD_PICKED] = digests[-1]
+        picked = st.session_state[UPLOAD_PICKED] = keys[-1]
     st.session_state["inspect_upload_radio"] = picked
     row = st.columns([5, 1], vertical_alignment="bottom")
-    row[0].radio("Uploaded this session", digests, horizontal=True, key="inspect_upload_radio",
-                 format_func=lambda d: stored[d]["name"], on_change=_pick_upload)
+    row[0].radio("Uploaded this session", keys, horizontal=True, key="inspect_upload_radio",
+                 format_func=lambda key: stored[key]["name"], on_change=_pick_upload)
     row[1].button("Forget uploads", key="inspect_forget", on_click=_forget_uploads,
                   icon=":material/delete:")
-    _upload_detail(chosen, detector, report, picked, stored[picked])
+    _upload_detail(chosen, detector, found, stored[picked])
 
 
 def main() -> None:
     st.title("Inspect")
-    chosen, detector = state.require_model()
-    report = state.report_for(chosen)
-    threshold = state.current_threshold(chosen, detector, report)
-    st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
-               f"{detector.image_size} px · threshold {threshold:.4f}")
+    chosen = state.require_data()
+    detector = found = None
+    if chosen.entry is None:
+        st.info(state.no_model_message(chosen) + " Meanwhile, the images and their masks can "
+                "be browsed.")
+        state.train_call_to_action(chosen, key="inspect::train")
+    else:
+        chosen, detector = state.require_model()
+        found = state.evaluation(chosen, detector)
+        threshold = state.current_threshold(chosen, detector, found.report)
+        st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
+                   f"{detector.image_size} px · threshold {threshold:.4f}")
+        if found.error:
+            st.warning(f"Cannot score the test images: {found.error}")
+        elif not found.complete:
+            _scoring(chosen, detector)
     source = st.segmented_control("Images", ["Test images", "Upload"], default="Test images",
                                   key="inspect_source")
     if source == "Upload":
-        _uploads(chosen, detector, report)
+        _uploads(chosen, detector, found)
         return
     samples = state.test_samples(chosen)
     if not samples:
@@ -327,12 +355,11 @@ def main() -> None:
     item = st.session_state.get("inspect_item")
     if item is not None and item not in {str(s.path) for s in samples}:
         st.session_state.inspect_item = None  # chosen under another category or data
-    scores = {i["path"]: i["score"] for i in (report or {}).get("images", [])}
-    shown = _filtered(chosen, samples, scores)
+    shown = _filtered(chosen, samples, found.scores if found else {})
     st.session_state[ORDER] = [str(s.path) for s in shown]
-    _browser(chosen, detector, report, shown, scores)
-    if report:
-        table = pd.DataFrame(report["images"])
+    _browser(chosen, detector, found, shown)
+    if found and found.report:
+        table = pd.DataFrame(found.report["images"])
         st.download_button("Scores of the test images (CSV)", table.to_csv(index=False).encode(),
                            f"{chosen.category}_{chosen.backbone}_scores.csv", "text/csv",
                            key="dl_csv", on_click="ignore")

@@ -3,14 +3,15 @@ yourself to watch the maps and the score respond."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 import streamlit as st
 
 from app import state
+from app.views.detail import LAYER_NAMES, layer_context
 from app.views.images import (
+    CONTOUR_TRUTH,
     ScaleContext,
     colour_bar,
     colour_range,
@@ -18,20 +19,23 @@ from app.views.images import (
     to_rgb_array,
 )
 from app.views.learn import (
+    canvas_figure,
+    centre_of,
     enlarge,
     feature_walk,
     hex_colour,
     mask_box,
     outline,
-    paint_stroke,
+    paint_region,
     paste_patch,
     pca_rgb,
+    region_of,
 )
 from rd.backbones import count_parameters
 from rd.data import DataError, MVTecCategory, Sample, read_image, read_mask
 from rd.detector import Detector
 
-LAYER_NAMES = ("layer 1 · stride 4", "layer 2 · stride 8", "layer 3 · stride 16")
+REGION = "learn_region"  # the region drawn on the canvas, with the image it belongs to
 CONTOUR_EDIT = (0, 255, 255)
 SCALE_MODE = "calibrated"  # the same colour means the same disagreement on every image
 EXPLANATION = """
@@ -48,6 +52,16 @@ with the teacher's there. The disagreement, 1 − cosine between the two feature
 position, is the anomaly map; the three layers are summed and smoothed, and the image score is
 the map's maximum.
 """
+LAYER_ONE_NOTE = (
+    "Why layer 1 is speckled even on a normal image: its features (stride 4) describe fine "
+    "texture (weave, grain, sensor noise), which differs from image to image, and the student "
+    "rebuilds it from a small code that keeps only what normal images share; the small misses "
+    "are scattered everywhere. Layers 2 and 3 describe larger parts, which the student rebuilds "
+    "well; the fused map is smoothed (σ = 4) so scattered speckle does not add up to a defect.")
+DEFECT_NOTE = (
+    "On a defect the teacher describes something the student never learned to rebuild: the "
+    "disagreement rises where the defect is (green outline), usually most in the layers whose "
+    "scale matches its size, while the texture speckle of layer 1 stays everywhere.")
 PCA_NOTE = ("Feature colours: each position's feature vector, scaled to unit length (the cosine "
             "ignores length), along the three strongest directions of the teacher's channels "
             "(PCA) as red, green and blue. The student's map is coloured with the *teacher's* "
@@ -100,38 +114,14 @@ def walk(checkpoint: str, mtime: float, device: str, image: str, image_mtime: fl
             "embedding_shape": steps["embedding"].shape[1:]}
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def predict_pixels(checkpoint: str, mtime: float, device: str, digest: str, _pixels: np.ndarray
-                   ) -> dict[str, Any]:
-    """Maps and score of an (edited) image array, cached on its digest (the array is not
-    hashed by Streamlit: the digest is its key)."""
-    del digest
-    detection = state.predict(state.load_model(checkpoint, mtime, device), [_pixels])
-    return {"layer_maps": detection.layer_maps[0], "fused": detection.fused[0],
-            "score": float(detection.scores[0])}
-
-
-def _maps(chosen: state.Selection, pixels: np.ndarray) -> dict[str, Any]:
-    checkpoint = chosen.checkpoint
-    return predict_pixels(str(checkpoint), checkpoint.stat().st_mtime, chosen.device,
-                          hashlib.sha256(pixels.tobytes()).hexdigest(), pixels)
-
-
 def _context(chosen: state.Selection, detector: Detector) -> tuple[ScaleContext, float]:
     """The colour scale and threshold, read without storing one (the Evaluate page sets it)."""
     threshold = st.session_state.get(state.threshold_key(chosen))
     if threshold is None:
         threshold = state.default_threshold(detector, None)
-    p99 = (detector.metadata.get("normal_scores") or {}).get("p99")
+    p99 = detector.metadata.normal_score("p99")
     # category_max is only read by the 'absolute' scale; this page uses the calibrated one.
     return ScaleContext(2 * float(threshold), p99, float(threshold)), float(threshold)
-
-
-def _layer_context(context: ScaleContext) -> ScaleContext:
-    """Each layer is about a third of the fused sum: scale its colours accordingly."""
-    return ScaleContext(context.category_max / 3,
-                        None if context.normal_p99 is None else context.normal_p99 / 3,
-                        context.threshold / 3)
 
 
 def _diagram(detector: Detector, embedding_shape: tuple[int, ...], layers: list[dict]) -> str:
@@ -171,21 +161,26 @@ def _explain(chosen: state.Selection, detector: Detector, sample: Sample,
         st.error(f"Cannot read {sample.path.name}: {error}")
         return
     size = detector.image_size
+    truth = read_mask(sample.mask_path, (size, size)) if sample.mask_path else None
     st.graphviz_chart(_diagram(detector, steps["embedding_shape"], steps["layers"]),
                       width="stretch")
     left, right = st.columns([2, 3], gap="large")
     with left:
         st.markdown(EXPLANATION)
         image_column, code_column = st.columns(2)
-        image_column.image(to_rgb_array(read_image(sample.path), size), output_format="PNG",
-                           caption=f"input ({_label(chosen, sample)})", width="stretch")
+        picture = to_rgb_array(read_image(sample.path), size)
+        if truth is not None:
+            picture = outline(picture, truth, CONTOUR_TRUTH, 1)
+        image_column.image(picture, output_format="PNG", width="stretch",
+                           caption=f"input ({_label(chosen, sample)})"
+                                   + (", ground truth in green" if truth is not None else ""))
         code_column.image(enlarge(steps["embedding"], size), output_format="PNG",
                           width="stretch",
                           caption=f"one-class embedding {_shape(steps['embedding_shape'])} "
                                   "(PCA): all the student gets to see")
         st.caption(PCA_NOTE)
     with right:
-        layer_context = _layer_context(context)
+        per_layer = layer_context(context)
         header = st.columns([1, 2, 2, 2])
         for column, title in zip(header[1:], ("teacher (frozen)", "student (rebuilt)",
                                               "disagreement 1 − cos"), strict=True):
@@ -196,66 +191,57 @@ def _explain(chosen: state.Selection, detector: Detector, sample: Sample,
             row[1].image(enlarge(layer["teacher"], size), output_format="PNG", width="stretch")
             row[2].image(enlarge(layer["student"], size), output_format="PNG", width="stretch")
             values = layer["map"]
-            row[3].image(heat_map(values, SCALE_MODE, layer_context), output_format="PNG",
+            picture = heat_map(values, SCALE_MODE, per_layer)
+            if truth is not None:
+                picture = outline(picture, truth, CONTOUR_TRUTH, 1)
+            row[3].image(picture, output_format="PNG",
                          width="stretch",
                          caption=f"mean {values.mean():.3f} · max {values.max():.3f}")
-        vmin, vmax = colour_range(SCALE_MODE, steps["layers"][0]["map"], layer_context)
+        vmin, vmax = colour_range(SCALE_MODE, steps["layers"][0]["map"], per_layer)
         st.image(colour_bar(vmin, vmax, width=384), output_format="PNG",
                  caption=f"1 − cos scale {vmin:.3f} → {vmax:.3f} (mid-scale: the typical worst "
                          "spot of a normal image, per layer)")
+        st.caption(LAYER_ONE_NOTE if sample.label == 0 else DEFECT_NOTE)
 
 
 # ------------------------------------------------------------------------ paint a defect
 
 
-def _stroke_inputs(size: int) -> tuple:
-    columns = st.columns(5)
-    x0 = columns[0].slider("Start x", 0, size - 1, int(size * 0.35), key="learn_x0")
-    y0 = columns[1].slider("Start y", 0, size - 1, int(size * 0.40), key="learn_y0")
-    x1 = columns[2].slider("End x", 0, size - 1, int(size * 0.65), key="learn_x1")
-    y1 = columns[3].slider("End y", 0, size - 1, int(size * 0.60), key="learn_y1")
-    width = columns[4].slider("Width", 1, max(2, size // 8), max(2, size // 64),
-                              key="learn_width")
-    colour = st.color_picker("Colour", "#f2f2f2", key="learn_colour")
-    return ("stroke", (x0, y0), (x1, y1), width, colour)
+def _remember_region(key: str, image: str, size: int) -> None:
+    """Canvas callback: keep the drawn selection (with the image it was drawn on)."""
+    selection = st.session_state[key].selection
+    st.session_state[REGION] = {"image": image, "size": size,
+                                "selection": {name: list(selection.get(name) or [])
+                                              for name in ("points", "box", "lasso")}}
 
 
-def _patch_inputs(chosen: state.Selection, source: Sample, size: int) -> tuple:
+def _edit(base: np.ndarray, region: np.ndarray, kind: str, colour: str,
+          source: Sample | None, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image after the edit, and the pixels that changed."""
+    if source is None:
+        return paint_region(base, region, hex_colour(colour))
+    donor = to_rgb_array(read_image(source.path), size)
     mask = read_mask(source.mask_path, (size, size)) if source.mask_path else None
-    box = mask_box(mask) if mask is not None else None
-    if box is None:
-        box = (size * 3 // 8, size * 3 // 8, size * 5 // 8, size * 5 // 8)
-    key = f"{chosen.checkpoint}::{source.path}"  # the defaults follow the chosen defect
-    columns = st.columns(4)
-    x_range = columns[0].slider("Source box x", 0, size, (box[0], box[2]), key=f"bx::{key}")
-    y_range = columns[1].slider("Source box y", 0, size, (box[1], box[3]), key=f"by::{key}")
-    x = columns[2].slider("Paste at x", 0, size - 1, box[0], key=f"px::{key}")
-    y = columns[3].slider("Paste at y", 0, size - 1, box[1], key=f"py::{key}")
-    left, top = min(x_range[0], size - 1), min(y_range[0], size - 1)
-    box = (left, top, max(x_range[1], left + 1), max(y_range[1], top + 1))
-    return ("patch", str(source.path), box, (x, y))
+    box = (mask_box(mask) if mask is not None else None) or (
+        size * 3 // 8, size * 3 // 8, size * 5 // 8, size * 5 // 8)
+    x, y = centre_of(region)
+    position = (x - (box[2] - box[0]) // 2, y - (box[3] - box[1]) // 2)
+    return paste_patch(base, donor, box, position)
 
 
-def _apply(base: np.ndarray, edit: tuple, size: int) -> tuple[np.ndarray, np.ndarray]:
-    if edit[0] == "stroke":
-        _, start, end, width, colour = edit
-        return paint_stroke(base, start, end, width, hex_colour(colour))
-    _, source, box, position = edit
-    return paste_patch(base, to_rgb_array(read_image(source), size), box, position)
-
-
-def _map_row(title: str, maps: dict[str, Any], context: ScaleContext,
-             mask: np.ndarray | None, before: dict[str, Any] | None = None) -> None:
-    layer_context = _layer_context(context)
+def _map_row(title: str, found: state.ImageDetection, context: ScaleContext,
+             mask: np.ndarray | None, before: state.ImageDetection | None = None) -> None:
+    """One row: the three layer maps and the fused map, the edited region outlined with its
+    peak (and the peak before the edit)."""
+    per_layer = layer_context(context)
     columns = st.columns([1, 2, 2, 2, 2])
     columns[0].markdown(f"**{title}**")
-    images = [heat_map(layer, SCALE_MODE, layer_context) for layer in maps["layer_maps"]]
-    images.append(heat_map(maps["fused"], SCALE_MODE, context))
-    values = [*maps["layer_maps"], maps["fused"]]
-    earlier = [*before["layer_maps"], before["fused"]] if before else [None] * 4
+    images = [heat_map(layer, SCALE_MODE, per_layer) for layer in found.layer_maps]
+    images.append(heat_map(found.fused, SCALE_MODE, context))
+    values = [*found.layer_maps, found.fused]
+    earlier = [*before.layer_maps, before.fused] if before else [None] * 4
     for column, image, value, old, name in zip(columns[1:], images, values, earlier,
-                                               ["layer 1", "layer 2", "layer 3", "fused"],
-                                               strict=True):
+                                               [*LAYER_NAMES, "fused"], strict=True):
         caption = name
         if mask is not None and mask.any():
             image = outline(image, mask, CONTOUR_EDIT)
@@ -268,59 +254,67 @@ def _map_row(title: str, maps: dict[str, Any], context: ScaleContext,
 def _paint(chosen: state.Selection, detector: Detector, sample: Sample,
            defects: list[Sample], context: ScaleContext, threshold: float) -> None:
     st.subheader("Paint a defect")
-    st.caption("Change the normal image, then compare the maps and the score before and after. "
-               "Coordinates are pixels of the image as the model sees it "
-               f"({detector.image_size}×{detector.image_size}).")
     size = detector.image_size
-    kinds = ["Stroke", "Paste a patch of a real defect"]
-    kind = st.radio("Edit", kinds, horizontal=True, key="learn_kind",
-                    label_visibility="collapsed")
+    kinds = ["Paint", "Paste a patch of a real defect"]
+    controls = st.columns([2, 2, 1])
+    kind = controls[0].radio("Edit", kinds, horizontal=True, key="learn_kind")
     source = None
     if kind == kinds[1]:
         if not defects:
             st.info("This category has no defective test images to copy from.")
             return
-        source = st.selectbox("Copy from", defects, key="learn_source",
-                              format_func=lambda s: _label(chosen, s))
-    with st.form("learn_paint", border=True):
-        try:
-            edit = (_patch_inputs(chosen, source, size) if source is not None
-                    else _stroke_inputs(size))
-        except DataError as error:
-            st.error(f"Cannot read the defect: {error}")
-            edit = None
-        applied = st.form_submit_button("Apply", type="primary")
-    if applied and edit is not None:
-        st.session_state.learn_edit = {"image": str(sample.path), "size": size, "edit": edit}
-    stored = st.session_state.get("learn_edit")
+        source = controls[1].selectbox("Copy from", defects, key="learn_source",
+                                       format_func=lambda s: _label(chosen, s))
+        colour = "#000000"
+    else:
+        colour = controls[1].color_picker("Colour", "#f2f2f2", key="learn_colour")
+    brush = controls[2].slider("Brush (a click)", 1, max(2, size // 8), max(3, size // 16),
+                               key="learn_width")
     try:
         base = to_rgb_array(read_image(sample.path), size)
-        before = _maps(chosen, base)
-        if stored and stored["image"] == str(sample.path) and stored["size"] == size:
-            edited, mask = _apply(base, stored["edit"], size)
-            after = _maps(chosen, edited)
-        else:
-            edited = mask = after = None
-    except (DataError, OSError, ValueError) as error:
-        st.error(f"Cannot apply this edit: {error}")
+        before = state.detect(chosen, detector, base)
+    except (DataError, OSError) as error:
+        st.error(f"Cannot read {sample.path.name}: {error}")
         return
+    drawn = st.session_state.get(REGION)
+    region = None
+    if drawn and drawn["image"] == str(sample.path) and drawn["size"] == size:
+        region = region_of(drawn["selection"], size, size, brush)
+    edited = after = mask = None
+    if region is not None:
+        try:
+            edited, mask = _edit(base, region, kind, colour, source, size)
+            after = state.detect(chosen, detector, edited)
+        except (DataError, OSError, ValueError) as error:
+            st.error(f"Cannot apply this edit: {error}")
+            return
 
     top = st.columns([2, 2, 1])
-    top[0].image(base, output_format="PNG", width="stretch", caption="normal image")
+    with top[0]:
+        key = f"learn_canvas::{sample.path}::{size}"
+        st.plotly_chart(canvas_figure(base, max(1, size // 64)), key=key,
+                        on_select=lambda: _remember_region(key, str(sample.path), size),
+                        selection_mode=("points", "box", "lasso"),
+                        config={"displaylogo": False, "modeBarButtonsToRemove":
+                                ["zoom2d", "pan2d", "autoScale2d", "resetScale2d"]})
+        st.caption(f"Draw on the image ({size}×{size}, as the model sees it): drag a lasso "
+                   "around a region (a box from the toolbar), or click a spot. "
+                   + ("The region is filled with the colour." if source is None else
+                      "The defect's patch is pasted at the region's centre."))
     if edited is None:
-        top[1].info("Set a stroke or a patch above and press **Apply**.")
+        top[1].info("Draw a region on the image at the left: the edited image, its maps and "
+                    "its score appear here.")
     else:
         top[1].image(outline(edited, mask, CONTOUR_EDIT), output_format="PNG",
                      width="stretch", caption=f"edited: {int(mask.sum())} pixels changed "
                                               "(cyan outline)")
-    score = before["score"]
-    top[2].metric("Score before", f"{score:.4f}")
+    top[2].metric("Score before", f"{before.score:.4f}")
     if after is not None:
-        top[2].metric("Score after", f"{after['score']:.4f}", f"{after['score'] - score:+.4f}",
+        top[2].metric("Score after", f"{after.score:.4f}", f"{after.score - before.score:+.4f}",
                       delta_color="inverse")
-    verdicts = [("normal image", score)] + ([("edited image", after["score"])] if after else [])
+    verdicts = [("original", before.score)] + ([("edited", after.score)] if after else [])
     top[2].caption(f"Threshold {threshold:.4f}: " + "; ".join(
-        f"the {name} is judged **{'defective' if value >= threshold else 'normal'}**"
+        f"the {name} image is judged **{state.verdict(value, threshold)}**"
         for name, value in verdicts) + ".")
     _map_row("before", before, context, mask)
     if after is not None:
@@ -336,10 +330,11 @@ def main() -> None:
     st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
                f"{detector.image_size} px · how the detector reaches its maps")
     normals, defects = _samples(chosen)
-    if not normals:
-        st.info("This category has no normal images (train/good or test/good) to explain with.")
+    if not normals and not defects:
+        st.info("This category has no images to explain with.")
         return
-    sample = st.selectbox("Normal image", normals, key="learn_image",
+    sample = st.selectbox("Image (normal ones first, then the defective test images)",
+                          normals + defects, key="learn_image",
                           format_func=lambda s: _label(chosen, s))
     _explain(chosen, detector, sample, context)
     st.divider()

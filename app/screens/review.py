@@ -210,7 +210,7 @@ def main() -> None:
     items = _items(chosen, found.scores)
     if not items:
         st.stop()
-    normal = (detector.metadata.get("normal_scores")
+    normal = (detector.metadata.normal_scores
               or (found.report or {}).get("normal_scores") or {})
     category_max = max(item["score"] for item in items)
     context = ScaleContext(category_max, normal.get("p99"), threshold)

@@ -23,12 +23,14 @@ import torch
 
 from app import sidebar, state
 from rd import jobs
+from rd.adapt import ADAPT_MODES
 from rd.backbones import list_backbones
 from rd.checkpoints import CheckpointError, read_metadata
 from rd.data import DataError, list_categories
 from rd.data.sources import DataSource
 from rd.errors import RDError
 from rd.files import file_sha256
+from rd.geometry import RESIZE_MODES
 from rd.manifest import ManifestError, ModelEntry, all_models, delete_model, rename_model
 from rd.training import TrainConfig
 
@@ -74,6 +76,32 @@ def _apply_prefill(names: list[str]) -> None:
     st.session_state["train::category"] = prefill["category"]
     if prefill.get("backbone") in list_backbones():
         st.session_state["train::backbone"] = prefill["backbone"]
+
+
+def _beyond_paper_options() -> dict[str, str]:
+    """The options beyond the paper (issue 11), folded away; only those changed are returned,
+    so the default stays the paper's recipe."""
+    chosen: dict[str, str] = {}
+    with st.expander("Beyond the paper (input geometry, teacher adaptation, augmentation)"):
+        columns = st.columns(3)
+        resize = columns[0].selectbox(
+            "Input geometry", list(RESIZE_MODES), key="train::resize",
+            help="squash: the paper (resize to the square); letterbox: keep the aspect ratio; "
+            "tile: overlapping tiles near native resolution (thin defects on large images).")
+        adapt = columns[1].selectbox(
+            "Teacher adaptation", list(ADAPT_MODES), key="train::teacher_adapt",
+            help="none: the paper's ImageNet teacher; bn: its deepest batch-norm statistics "
+            "blended with the normal images'; ssl: a short compactness fine-tune.")
+        augment = columns[2].selectbox(
+            "Augmentation", ["none", "auto"], key="train::augment",
+            help="auto keeps only the transforms whose augmented normal images stay in "
+            "distribution as the teacher sees them (recorded in the checkpoint).")
+    for option, value, default in (("resize", resize, "squash"),
+                                   ("teacher_adapt", adapt, "none"),
+                                   ("augment", augment, "none")):
+        if value != default:
+            chosen[option] = value
+    return chosen
 
 
 def _form() -> None:
@@ -128,15 +156,18 @@ def _form() -> None:
         help="More than one: distributed data parallel (torchrun); the batch size is split "
         "across them, so the same learning rate applies.")
     name = columns[2].text_input("Name (optional)", key="train::name", max_chars=60)
+    beyond = _beyond_paper_options()
 
     config = TrainConfig(backbone=backbone, image_size=int(size), epochs=int(epochs),
                          batch_size=int(batch), lr=float(lr), device=device,
-                         init=str(init.path) if init is not None else None)
+                         init=str(init.path) if init is not None else None, **beyond)
     args = ["--data", str(source.root), "--category", category, "--backbone", backbone,
             "--epochs", str(epochs), "--batch-size", str(batch), "--image-size", str(size),
             "--lr", repr(float(lr)), "--device", device]
     if init is not None:
         args += ["--init", str(init.path)]
+    for option, value in beyond.items():
+        args += [f"--{option.replace('_', '-')}", str(value)]
     command = f"python -m rd train {shlex.join(args)}"
     st.caption(f"`{command}`" + (f" on {nproc} processes" if nproc > 1 else ""))
     if st.button("Start training", type="primary", icon=":material/play_arrow:",

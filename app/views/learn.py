@@ -3,11 +3,14 @@ the image edits of "paint a defect". Pure functions, no Streamlit, so they are u
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import plotly.graph_objects as go
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from rd.maps import layer_maps
@@ -174,3 +177,66 @@ def hex_colour(value: str) -> tuple[int, int, int]:
         raise ValueError(f"expected a colour like '#ff8800', got {value!r}")
     red, green, blue = (int(text[i:i + 2], 16) for i in (0, 2, 4))
     return red, green, blue
+
+
+def canvas_figure(image: np.ndarray, step: int = 2) -> go.Figure:
+    """The image as a Plotly figure to draw on: lasso (default) or box around a region, or click
+    a spot. An invisible grid of points every ``step`` pixels makes clicks and selections report
+    where they fell; the axes are the image's pixel coordinates."""
+    height, width = image.shape[:2]
+    ys, xs = np.mgrid[step // 2:height:step, step // 2:width:step]
+    figure = go.Figure(go.Image(z=image, hoverinfo="skip"))
+    figure.add_trace(go.Scatter(x=xs.ravel(), y=ys.ravel(), mode="markers",
+                                marker={"size": 6, "opacity": 0}, hoverinfo="none",
+                                showlegend=False))
+    figure.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 0, "b": 0},
+                         height=min(640, max(320, 2 * height)), clickmode="event+select",
+                         xaxis={"visible": False, "range": [-0.5, width - 0.5],
+                                "constrain": "domain"},
+                         yaxis={"visible": False, "range": [height - 0.5, -0.5],
+                                "scaleanchor": "x", "constrain": "domain"})
+    return figure
+
+
+def region_of(selection: Mapping[str, Any], height: int, width: int, brush: float = 3
+              ) -> np.ndarray | None:
+    """The pixels a Plotly selection (``st.plotly_chart`` with ``on_select``) covers on a
+    height×width image: every box and lasso filled, and a disc of diameter ``brush`` around
+    each clicked point when there is neither. None when nothing is selected."""
+    canvas = Image.new("1", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    shapes = 0
+    for box in selection.get("box") or []:
+        (x0, x1), (y0, y1) = sorted(box["x"]), sorted(box["y"])
+        draw.rectangle([round(x0), round(y0), round(x1), round(y1)], fill=1)
+        shapes += 1
+    for lasso in selection.get("lasso") or []:
+        points = list(zip(lasso["x"], lasso["y"], strict=True))
+        if len(points) >= 3:
+            draw.polygon([(float(x), float(y)) for x, y in points], fill=1, outline=1)
+            shapes += 1
+    mask = np.asarray(canvas, dtype=bool)
+    if not shapes:
+        clicked = [(p["x"], p["y"]) for p in selection.get("points") or []
+                   if "x" in p and "y" in p]
+        if not clicked:
+            return None
+        mask = np.zeros((height, width), dtype=bool)
+        blank = np.zeros((height, width, 3), np.uint8)
+        for x, y in clicked:
+            mask |= paint_stroke(blank, (x, y), (x, y), brush, (1, 1, 1))[1]
+    return mask if mask.any() else None
+
+
+def paint_region(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` with ``region`` filled in ``colour``, and the mask of pixels that changed."""
+    out = image.copy()
+    out[region] = colour
+    return out, _changed(image, out)
+
+
+def centre_of(region: np.ndarray) -> tuple[int, int]:
+    """The (x, y) centre of a region's bounding box: where a pasted patch goes."""
+    left, top, right, bottom = mask_box(region)
+    return (left + right) // 2, (top + bottom) // 2

@@ -100,7 +100,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.checkpoint is None and args.backbone is None:
         raise ValueError("give a checkpoint file or --backbone B")
     if args.checkpoint is not None:
-        print(json.dumps(read_metadata(args.checkpoint), indent=1, sort_keys=True))
+        print(json.dumps(read_metadata(args.checkpoint).to_dict(), indent=1, sort_keys=True))
         return 0
     counts = parameter_counts(args.backbone)
     labels = {"teacher_network": "teacher (whole network)",

@@ -11,6 +11,7 @@ from rd.data import DataError, MVTecCategory, PlainFolders
 from rd.detector import AMP_DTYPES
 from rd.evaluation import format_summary
 from rd.files import atomic_write
+from rd.runtime import RUNTIMES
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--normal", type=Path, help="plain layout: folder of normal images")
     group.add_argument("--test", type=Path, help="plain layout: folder of test images")
     group.add_argument("--masks", type=Path, help="plain layout: folder of masks (same names)")
+    group.add_argument("--allow-missing-masks", action="store_true",
+                       help="MVTec layout: a defective test image without a mask counts for "
+                       "the image metrics only (default: refused)")
 
 
 def open_data(args: argparse.Namespace) -> MVTecCategory | PlainFolders:
@@ -30,7 +34,8 @@ def open_data(args: argparse.Namespace) -> MVTecCategory | PlainFolders:
                             "folders), not both")
         if not args.category:
             raise DataError("--data needs --category (one of the folders under it)")
-        return MVTecCategory(args.data, args.category)
+        return MVTecCategory(args.data, args.category,
+                             allow_missing_masks=getattr(args, "allow_missing_masks", False))
     if args.normal is None:
         raise DataError("no data: give --data ROOT --category C, or --normal DIR [--test DIR]")
     return PlainFolders(args.normal, args.test, args.masks)
@@ -46,6 +51,10 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
                        help="NHWC weights and inputs (same maps within 1e-5)")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the predict graph (slow first batch)")
+    group.add_argument("--runtime", choices=RUNTIMES,
+                       help="auto (default): ONNX Runtime on the CPU when installed and the "
+                       "model exports (the graph is exported once, cached beside the "
+                       "checkpoint), torch otherwise")
 
 
 def inference_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rd.data import ensure_builtin_dataset, holdout_view
+from rd.data import ensure_builtin_dataset, generate_dataset, holdout_view
+from rd.data.synthetic import HARD_CATEGORIES
 from rd.download import ARCHIVES, BASE_URL_ENV, LICENCE, download_mvtec, total_size
 from rd.pipeline import register_model
 
@@ -53,10 +54,18 @@ def add_builtin_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("builtin", help="print the built-in dataset's folder",
                             description="Generate the built-in dataset on first use and print "
                             "its root folder.")
+    p.add_argument("--hard", type=Path, metavar="FOLDER",
+                   help="instead, generate the opt-in hard categories (non-square grey parts "
+                   f"with hairline cracks, unevenness and fine scratches: "
+                   f"{', '.join(HARD_CATEGORIES)}) into FOLDER and print it")
     p.set_defaults(func=cmd_builtin)
 
 
 def cmd_builtin(args: argparse.Namespace) -> int:
+    if args.hard:
+        print(generate_dataset(args.hard, list(HARD_CATEGORIES), n_train=20, n_test_good=10,
+                               n_per_defect=6))
+        return 0
     print(ensure_builtin_dataset())
     return 0
 

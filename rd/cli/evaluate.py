@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rd.cli.common import (
@@ -13,9 +14,9 @@ from rd.cli.common import (
     print_table,
     write_json,
 )
-from rd.detector import load
-from rd.evaluation import evaluate
+from rd.evaluation import EVAL_SIZES, evaluate
 from rd.outputs import check_outputs
+from rd.runtime import describe, load_runtime
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -32,6 +33,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--teacher-weights", type=Path)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--eval-size", choices=EVAL_SIZES, default="model",
+                   help="pixel metrics on the model's S×S maps (default, the paper's) or at the "
+                   "images' native size (maps upsampled, masks as stored)")
     add_inference_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -41,11 +45,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_outputs([args.json], [args.checkpoint, args.teacher_weights], args.overwrite)
     data = open_data(args)
     test = data.test_samples()
-    detector = load(args.checkpoint, args.device, args.teacher_weights,
-                    **inference_options(args))
+    detector, choice = load_runtime(args.checkpoint, args.device, args.runtime,
+                                    args.teacher_weights, **inference_options(args))
+    print(describe(choice), file=sys.stderr)
     detector.batch_size = args.batch_size
     report = evaluate(detector, test, legacy_pro=args.legacy_pro, progress=not args.quiet,
-                      workers=args.workers)
+                      workers=args.workers, eval_size=args.eval_size)
     report["checkpoint"] = str(args.checkpoint)
     report["category"] = getattr(data, "category", None)
     print_table(report)

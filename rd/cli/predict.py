@@ -1,62 +1,99 @@
-"""``python -m rd predict``: score images, and write overlays and raw maps."""
+"""``python -m rd predict``: score images or whole folders, one row per image, and write
+overlays and raw maps (rd.scoring); ``torchrun --nproc-per-node N -m rd predict ...`` shares
+the images between N processes and merges their rows."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
-import numpy as np
-
 from rd.cli.common import add_inference_options, inference_options
-from rd.data import read_image
-from rd.detector import load
-from rd.files import atomic_write
-from rd.outputs import check_outputs, mirrored_outputs
-from rd.visualize import colorize, overlay
+from rd.runtime import describe, load_runtime
+from rd.scoring import (
+    SAVE_MAPS,
+    ScoringError,
+    check_output,
+    collect_inputs,
+    init_distributed,
+    rank_zero_first,
+    score,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("predict", help="score images (and write heat maps)",
-                            description="Print one score per image; with --out write for each "
-                            "image an overlay PNG and the raw fused map as <name>.npy "
-                            "(float32, S×S at the model's input size).")
+    p = commands.add_parser(
+        "predict", help="score images or folders (and write heat maps)",
+        description="Score image files, folders (searched recursively) and glob patterns. "
+        "Without --csv/--jsonl print one line per image (path, score, verdict); with them write "
+        "one row per image as it completes (path, score, verdict, width, height, seconds, "
+        "error), resumable with --resume. With --out write overlay PNGs and raw fused maps "
+        "(<name>.npy, float32, S×S at the model's input size), each at the image's path "
+        "relative to the images' common folder.")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, help="folder for overlays and raw maps; each keeps the "
-                   "image's path relative to the images' common folder")
+    p.add_argument("images", nargs="*", help="image files, folders or quoted glob patterns")
+    p.add_argument("--list", type=Path, dest="list_file",
+                   help="a text file of image paths, one per line")
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--csv", type=Path, help="write the rows to this CSV file")
+    rows.add_argument("--jsonl", type=Path, help="write the rows to this JSON-lines file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an output file: skip the images already in it")
+    p.add_argument("--threshold", type=float,
+                   help="verdict threshold (default: the checkpoint's F1 threshold)")
+    p.add_argument("--out", type=Path, help="folder for overlays and raw maps")
+    p.add_argument("--save-maps", choices=SAVE_MAPS,
+                   help="which images get maps in --out (default: all when --out is given)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="image-decoding processes (0: decode in the main process)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--teacher-weights", type=Path)
     add_inference_options(p)
     p.set_defaults(func=cmd_predict)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a file object: np.save would append ".npy" to a name
-        np.save(handle, array)
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    images = list(dict.fromkeys(args.images))
-    planned = mirrored_outputs(images, args.out, (".png", ".npy")) if args.out else []
-    check_outputs([path for paths in planned for path in paths.values()],
-                  [*images, args.checkpoint, args.teacher_weights], args.overwrite)
-    detector = load(args.checkpoint, args.device, args.teacher_weights,
-                    **inference_options(args))
-    threshold = detector.metadata.get("metrics", {}).get("thresholds", {}).get("f1")
-    for index, path in enumerate(images):
-        image = read_image(path)
-        detection = detector.predict(image)
-        score = float(detection.scores[0])
-        flag = "" if threshold is None else ("\tdefective" if score >= threshold else "\tnormal")
-        print(f"{path}\t{score:.6f}{flag}")
-        if args.out:
-            fused = detection.fused[0].astype(np.float32)
-            top = 2 * threshold if threshold else float(fused.max()) or 1.0
-            blended = overlay(image, colorize(fused, 0.0, top))
-            outputs = planned[index]
-            atomic_write(outputs[".png"], lambda tmp, im=blended: im.save(tmp, format="PNG"))
-            atomic_write(outputs[".npy"], lambda tmp, m=fused: _save_npy(tmp, m))
-    if args.out and threshold is None:
-        print("note: the checkpoint has no threshold; overlays use each image's own range")
+    out = args.csv or args.jsonl
+    output_format = "csv" if args.csv else "jsonl" if args.jsonl else None
+    if out is not None:
+        check_output(out, output_format, args.resume)
+    save_maps = args.save_maps or ("all" if args.out else "none")
+    if save_maps != "none" and args.out is None:
+        raise ValueError("--save-maps needs --out DIR, the folder for the maps")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}")
+    inputs = collect_inputs(args.images, args.list_file)
+    rank, world = init_distributed()
+    device = args.device
+    if world > 1 and device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    detector, choice = rank_zero_first(lambda: load_runtime(
+        args.checkpoint, device, args.runtime, args.teacher_weights,
+        **inference_options(args)))  # rank 0 writes the ONNX cache, the others read it
+    detector.batch_size = args.batch_size
+    summary = score(detector, inputs, out, output_format, resume=args.resume,
+                    threshold=args.threshold, save_maps=save_maps,
+                    maps_dir=args.out if save_maps != "none" else None,
+                    workers=args.workers,
+                    progress=not args.quiet and rank == 0 and sys.stderr.isatty(),
+                    print_row=print, static_batches=args.compile,
+                    overwrite=args.overwrite)
+    if summary.scored and summary.errors == summary.scored:
+        raise ScoringError(f"no image could be read; the first: {summary.first_error}")
+    if rank == 0:
+        skipped = f", {summary.skipped} already in {out}" if summary.skipped else ""
+        print(f"scored {summary.scored} images ({summary.errors} unreadable, "
+              f"{summary.defective} defective) in {summary.seconds:.1f} s, "
+              f"{summary.images_per_second:.1f} images/s{skipped}; {describe(choice)}",
+              file=sys.stderr)
+        if args.threshold is None and detector.metadata.threshold("f1") is None:
+            print("note: the checkpoint has no threshold (no verdicts); overlays use each "
+                  "image's own range", file=sys.stderr)
     return 0

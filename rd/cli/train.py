@@ -6,10 +6,13 @@ import argparse
 import shlex
 from pathlib import Path
 
+from rd.adapt import ADAPT_MODES
+from rd.augment import TRANSFORMS
 from rd.backbones import DEFAULT_BACKBONE, list_backbones
 from rd.cli.common import add_data_options, open_data, print_table
+from rd.geometry import RESIZE_MODES
 from rd.pipeline import train_and_evaluate
-from rd.training import TrainConfig
+from rd.training import BEYOND_PAPER_OPTIONS, PRESETS, TrainConfig
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,6 +39,25 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the teacher's mean/std to the input (default); "
                    "--no-normalize feeds pixels in [0, 1]")
+    beyond = p.add_argument_group(
+        "beyond the paper (off by default; docs/results.md, 'Beyond the paper')")
+    beyond.add_argument("--resize", choices=RESIZE_MODES,
+                        help="squash to the square (the paper, default), letterbox (keep the "
+                        "aspect ratio, padding masked out) or tile (overlapping model-size tiles "
+                        "near native resolution)")
+    beyond.add_argument("--tile-scale", type=float,
+                        help="with --resize tile: scale the image by this before tiling "
+                        "(default 1 = native pixels)")
+    beyond.add_argument("--teacher-adapt", choices=ADAPT_MODES,
+                        help="adapt the teacher to the normal images first: bn (deepest "
+                        "stage's batch-norm statistics, blended with ImageNet's) or ssl "
+                        "(compactness fine-tune of the deepest stage); default none")
+    beyond.add_argument("--augment", metavar="none|auto|LIST",
+                        help="augment the normal images: auto keeps only the transforms that "
+                        "stay in distribution; or a comma-separated list of "
+                        f"{', '.join(TRANSFORMS)}")
+    beyond.add_argument("--preset", choices=sorted(PRESETS),
+                        help="robust: the combination that won the study (explicit flags win)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-evaluate", action="store_true", help="skip the final test-set report")
@@ -52,9 +74,24 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         device=args.device, amp=args.amp, cache_teacher=args.cache_teacher,
         checkpoint_every=args.checkpoint_every, workers=args.workers,
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
-        init=str(args.init) if args.init else None, normalize=args.normalize)
+        init=str(args.init) if args.init else None, normalize=args.normalize,
+        **beyond_paper_options(args))
     config.validate()
     return config
+
+
+def beyond_paper_options(args: argparse.Namespace) -> dict[str, object]:
+    """--resize, --tile-scale, --teacher-adapt, --augment: explicit flags, else the --preset's
+    values, else the paper's defaults."""
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
+    options = {}
+    for name in BEYOND_PAPER_OPTIONS:
+        value = getattr(args, name, None)
+        if value is None:
+            value = preset.get(name)
+        if value is not None:
+            options[name] = value
+    return options
 
 
 def cmd_train(args: argparse.Namespace) -> int:

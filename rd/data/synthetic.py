@@ -2,7 +2,10 @@
 
 Newcomers with no data of their own still get categories to train on and anomaly maps worth
 looking at: two textures (woven fabric, wood) and one object (a hex nut seen from above), each
-with several defect kinds and pixel-accurate ground-truth masks.
+with several defect kinds and pixel-accurate ground-truth masks. Two more categories are opt-in
+(``HARD_CATEGORIES``, never generated unless named): long and large grey parts (a 1024x256 metal
+strip, an 800x600 casting) with hairline cracks, faint unevenness and fine scratches, the
+defects that squashing an image to 256² loses.
 
 Every image is a pure function of (seed, category, split, kind, index): its random draws come
 from a generator seeded with exactly those, so the same seed gives the same files byte for

@@ -34,3 +34,21 @@ def two_categories(studio, tmp_path, monkeypatch):
     (home / "app_settings.json").write_text(json.dumps(settings))
     monkeypatch.setenv("RD_HOME", str(home))
     return root
+
+
+@pytest.fixture
+def rerun_until():
+    """Rerun an AppTest until ``done(at)`` holds: the studio scores test sets in a background
+    thread, and AppTest does not run the pages' self-refreshing fragments."""
+    import time
+
+    def rerun(at, done, timeout_s: float = 180):
+        deadline = time.monotonic() + timeout_s
+        while not done(at):
+            assert time.monotonic() < deadline, "the page did not get its results in time"
+            time.sleep(0.3)
+            at.run()
+            assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    return rerun

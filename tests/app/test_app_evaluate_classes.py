@@ -11,13 +11,15 @@ from streamlit.testing.v1 import AppTest
 APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 
 
-def _evaluate(source: str) -> AppTest:
+def _evaluate(source: str, rerun_until) -> AppTest:
+    """The Evaluate page once every category's report is in (scored in the background)."""
     at = AppTest.from_file(APP, default_timeout=180)
     at.session_state["source"] = source
     at.run()
     at.switch_page("screens/evaluate.py").run()
     assert not at.exception, [e.value for e in at.exception]
-    return at
+    return rerun_until(at, lambda at: at.metric and not any(
+        "Still being scored" in c.value for c in at.caption))
 
 
 def _legends(at: AppTest) -> list[list[str]]:
@@ -30,8 +32,8 @@ def _legends(at: AppTest) -> list[list[str]]:
     return legends
 
 
-def test_per_defect_legend_carries_auroc_and_small_classes_are_flagged(studio):
-    at = _evaluate(studio.dataset)
+def test_per_defect_legend_carries_auroc_and_small_classes_are_flagged(studio, rerun_until):
+    at = _evaluate(studio.dataset, rerun_until)
     (names,) = [n for n in _legends(at) if any(x.startswith("hole") for x in n)]
     assert sorted(n.split(" · ")[0] for n in names) == ["hole", "scratch"]
     assert all(" · AUROC " in n for n in names)
@@ -40,8 +42,8 @@ def test_per_defect_legend_carries_auroc_and_small_classes_are_flagged(studio):
     assert any("Only widget of" in c.value for c in at.caption)  # one category, no figure
 
 
-def test_every_category_with_a_model_on_one_figure(two_categories):
-    at = _evaluate("twoparts")
+def test_every_category_with_a_model_on_one_figure(two_categories, rerun_until):
+    at = _evaluate("twoparts", rerun_until)
     (names,) = [n for n in _legends(at) if any(x.startswith("gadget") for x in n)]
     assert sorted(n.split(" (")[0] for n in names) == ["gadget", "widget"]
     assert all(" · AUROC " in n for n in names)

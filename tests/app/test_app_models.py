@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from rd.checkpoints import read_metadata
@@ -159,15 +161,58 @@ def test_add_folder_only_under_allowed_roots_and_new_names(home, studio_home, tm
     assert "exists already" in " ".join(e.value for e in at.sidebar.error)
 
 
-def test_inspect_the_model_after_a_job_moves_the_sidebar(home, studio_home):
-    _quick_model(studio_home, category="wood")
-    (entry,) = read_manifest(user_manifest())
-    at = _app()
-    from app import sidebar
+def test_inspect_the_model_after_a_job_moves_the_sidebar(home, studio_home, jobs_folder):
+    """A finished job's "Inspect the model" selects its data, category and model."""
+    from rd import jobs
+    from rd.training import TrainConfig
 
-    at.session_state[sidebar.PENDING] = {"source": "builtin", "category": "wood",
-                                         "backbone": entry.backbone, "model": entry.id}
-    at.run()
+    folder = jobs_folder / "20260101-000000-wood-quick-0000"
+    folder.mkdir(parents=True)
+    shutil.copy(studio_home.checkpoint, folder / jobs.CHECKPOINT)
+    config = TrainConfig(epochs=1, image_size=64, batch_size=4, device="cpu")
+    spec = {"id": folder.name, "name": "wood-quick", "dataset": "builtin", "category": "wood",
+            "data": str(home / "builtin"), "config": config.to_dict(), "evaluate": True,
+            "backbone": config.backbone, "epochs": 1, "device": "cpu", "nproc": 1,
+            "resource": "cpu", "cwd": str(home), "command": "", "idempotency_key": None,
+            "submitted": 0.0}
+    (folder / "spec.json").write_text(json.dumps(spec))
+    (folder / "status.json").write_text(json.dumps({"state": "succeeded", "attempts": 1}))
+    meta = read_metadata(folder / jobs.CHECKPOINT)
+    entry = register(user_manifest(), folder / jobs.CHECKPOINT, "builtin", "wood",
+                     meta["backbone"], report={"image_auroc": 0.5}, copy=True, metadata=meta)
+
+    at = _app(page="screens/train.py")
+    at.button(key=f"inspect::{folder.name}").click().run()
     assert not at.exception, [e.value for e in at.exception]
     chosen = at.session_state.selection
-    assert (chosen.category, chosen.entry.id) == ("wood", entry.id)
+    assert (chosen.source.name, chosen.category, chosen.entry.id) == ("builtin", "wood",
+                                                                       entry.id)
+    assert at.sidebar.selectbox(key="category").value == "wood"
+
+
+def _settled(at: AppTest) -> AppTest:
+    """Wait for the page's background evaluations (the pages never wait; tests do), redraw."""
+    for _ in range(5):
+        running = [t for t in threading.enumerate() if t.name.startswith("evaluate-")]
+        if not running:
+            break
+        for thread in running:
+            thread.join(120)
+        at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_results_survive_a_restart_and_are_shared_by_tabs(home, studio_home):
+    """Scores and reports are stored on disk: a restarted server computes nothing again."""
+    shutil.copytree(studio_home.home / "models", home / "models")
+    shutil.copy(studio_home.home / "app_settings.json", home / "app_settings.json")
+    at = _settled(_app(studio_home.dataset, studio_home.category, "screens/review.py"))
+    assert sum(int(h.value.rsplit("· ", 1)[1]) for h in at.subheader) == 10
+    assert list((home / "results").glob("*/*.report.json"))
+
+    st.cache_data.clear()  # a restart: nothing is left in memory
+    st.cache_resource.clear()
+    second = _app(studio_home.dataset, studio_home.category, "screens/review.py")
+    assert not [t for t in threading.enumerate() if t.name.startswith("evaluate-")]
+    assert sum(int(h.value.rsplit("· ", 1)[1]) for h in second.subheader) == 10

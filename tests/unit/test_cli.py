@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -173,9 +174,12 @@ def test_predict_prints_scores_and_writes_overlay_and_map(trained, tiny_mvtec, t
         name, score = line.split("\t")[:2]
         assert name == str(path)
         assert float(score) == pytest.approx(float(expected.predict(path).scores[0]), abs=1e-5)
-        with Image.open(tmp_path / "maps" / f"{path.stem}.png") as overlay:
+        # each output keeps the image's path below the images' common folder (issue 13)
+        common = Path(os.path.commonpath([wide.parent, good.parent]))
+        written = tmp_path / "maps" / path.relative_to(common)
+        with Image.open(written.with_suffix(".png")) as overlay:
             assert overlay.mode == "RGB" and overlay.size == size
-        fused = np.load(tmp_path / "maps" / f"{path.stem}.npy")
+        fused = np.load(written.with_suffix(".npy"))
         assert fused.dtype == np.float32 and fused.shape == (64, 64)
 
 
@@ -254,8 +258,9 @@ def test_mask_of_wrong_size(trained, small, tmp_path, capsys):
     report.write_text("{}")
     before = snapshot(report)
     fails(capsys, "evaluate", "--data", small, "--category", "widget", "--checkpoint",
-          trained[1], "--json", report, "--device", "cpu", "--quiet", match=str(mask))
-    assert snapshot(report) == before
+          trained[1], "--json", report, "--overwrite", "--device", "cpu", "--quiet",
+          match=str(mask))
+    assert snapshot(report) == before  # even with --overwrite: a failed run replaces nothing
 
 
 def test_mask_missing(trained, small, capsys):

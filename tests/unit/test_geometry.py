@@ -3,6 +3,9 @@ with it, never let padding raise a score, and give maps at the original image si
 
 from __future__ import annotations
 
+import itertools
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,8 +17,8 @@ from rd.geometry import (
     GeometryDataset,
     letterbox_box,
     masked_blur,
-    masked_scores,
     masked_distillation_loss,
+    masked_scores,
     predict_native,
     tile_starts,
     training_dataset,
@@ -46,7 +49,7 @@ def test_tile_starts_cover_the_axis_with_overlap() -> None:
     assert tile_starts(40, 64, 0.25) == [0]
     starts = tile_starts(300, 64, 0.25)
     assert starts[0] == 0 and starts[-1] == 300 - 64
-    assert all(b - a <= 48 for a, b in zip(starts, starts[1:], strict=False))
+    assert all(b - a <= 48 for a, b in itertools.pairwise(starts))
     assert tile_starts(128, 64, 0.0) == [0, 64]
 
 
@@ -173,3 +176,24 @@ def test_unknown_modes_are_refused() -> None:
         Geometry("stretch")
     with pytest.raises(ValueError, match="tile scale"):
         Geometry("tile", tile_scale=0)
+
+
+def test_command_line_trains_and_evaluates_a_tiled_model(tmp_path, capsys) -> None:
+    from rd.checkpoints import read_metadata
+    from rd.cli import main
+    from rd.data import generate_dataset
+
+    root = generate_dataset(tmp_path / "data", ["metal_strip"], n_train=2, n_test_good=1,
+                            n_per_defect=1)
+    out = tmp_path / "strip.safetensors"
+    assert main(["train", "--data", str(root), "--category", "metal_strip", "--out", str(out),
+                 "--epochs", "1", "--batch-size", "2", "--image-size", "64", "--device", "cpu",
+                 "--resize", "tile", "--tile-scale", "0.25", "--no-evaluate", "--quiet"]) == 0
+    meta = read_metadata(out)
+    assert meta["geometry"]["mode"] == "tile" and meta["recipe"]["resize"] == "tile"
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "--data", str(root), "--category", "metal_strip", "--checkpoint",
+                 str(out), "--device", "cpu", "--eval-size", "native", "--json", str(report),
+                 "--quiet"]) == 0
+    written = json.loads(report.read_text())
+    assert written["eval_size"] == "native" and written["pixel_auroc"] is not None

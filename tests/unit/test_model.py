@@ -58,3 +58,28 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU"):
             resolve_device("cuda")
+
+
+# The losses of this 2-epoch run on the code before the options beyond the paper existed
+# (commit ed745a0): the default path must still give them.
+PAPER_LOSSES = [2.6879324913024902, 2.0755501985549927]
+
+
+def test_default_recipe_is_unchanged(tmp_path):
+    from rd.data import MVTecCategory, generate_dataset
+    from rd.training import TrainConfig, train
+
+    root = generate_dataset(tmp_path / "data", ["wood"], n_train=12, n_test_good=1,
+                            n_per_defect=1)
+    samples = MVTecCategory(root, "wood").train_samples()
+    config = TrainConfig(image_size=64, epochs=2, batch_size=4, device="cpu")
+    paper = train(samples, config, tmp_path / "paper.safetensors", progress=False)
+    assert paper.losses == pytest.approx(PAPER_LOSSES, rel=1e-5)
+    # letterbox of square images runs the geometry path (masked loss, valid masks): the same
+    # numbers bit for bit, so the hooks themselves change nothing
+    boxed = train(samples, TrainConfig(**{**config.to_dict(), "betas": config.betas,
+                                          "resize": "letterbox"}),
+                  tmp_path / "boxed.safetensors", progress=False)
+    assert boxed.losses == paper.losses
+    ours, theirs = paper.model.student_state_dict(), boxed.model.student_state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -88,3 +88,119 @@ def test_non_finite_maps_are_an_error_not_a_score():
     detector = Detector(model, {"preprocess": Preprocess(64).to_dict()}, "cpu")
     with pytest.raises(DetectionError, match="NaN or infinite"):
         detector.predict(np.zeros((64, 64, 3), np.uint8))
+
+
+# ------------------------------------------------- item 1: no output replaces a file unasked
+
+FAST = ["--image-size", "64", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--quiet"]
+
+
+def _cli(*argv: object) -> tuple[int, str, str]:
+    """Run ``python -m rd`` in-process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from rd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_mvtec, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reliability") / "m.safetensors"
+    code, _, err = _cli("train", "--data", tiny_mvtec.root, "--category", tiny_mvtec.category,
+                        "--out", out, "--no-evaluate", *FAST)
+    assert code == 0, err
+    return out
+
+
+def _snapshot(*paths: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in paths}
+
+
+def test_evaluate_never_writes_its_report_over_the_checkpoint_or_a_file(checkpoint, tiny_mvtec,
+                                                                        tmp_path):
+    before = _snapshot(checkpoint)
+    data = ["--data", tiny_mvtec.root, "--category", tiny_mvtec.category, "--device", "cpu",
+            "--quiet"]
+    code, _, err = _cli("evaluate", "--checkpoint", checkpoint, "--json", checkpoint, *data)
+    assert code == 2 and "is also an input" in err and err.count("\n") == 1
+    notes = tmp_path / "notes.json"
+    notes.write_text("mine")
+    code, _, err = _cli("evaluate", "--checkpoint", checkpoint, "--json", notes, *data)
+    assert code == 2 and "exists: pass --overwrite" in err
+    assert notes.read_text() == "mine" and _snapshot(checkpoint) == before
+    assert _cli("evaluate", "--checkpoint", checkpoint, "--json", notes, "--overwrite",
+                *data)[0] == 0
+    assert notes.read_text().startswith("{")
+
+
+def test_predict_never_replaces_inputs_and_keeps_relative_paths(checkpoint, tiny_mvtec,
+                                                               tmp_path):
+    import shutil
+
+    test = tmp_path / "test"
+    shutil.copytree(tiny_mvtec.root / tiny_mvtec.category / "test", test)
+    crack, good = test / "scratch" / "000.png", test / "good" / "000.png"
+    before = _snapshot(crack, good)
+    code, _, err = _cli("predict", "--checkpoint", checkpoint, crack, "--out", crack.parent,
+                        "--device", "cpu")
+    assert code == 2 and "is also an input" in err and _snapshot(crack, good) == before
+    out = tmp_path / "maps"
+    code, _, err = _cli("predict", "--checkpoint", checkpoint, crack, good, "--out", out,
+                        "--device", "cpu")
+    assert code == 0, err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == [
+        "good/000.npy", "good/000.png", "scratch/000.npy", "scratch/000.png"]
+    written = _snapshot(*out.rglob("*.*"))
+    code, _, err = _cli("predict", "--checkpoint", checkpoint, crack, good, "--out", out,
+                        "--device", "cpu")
+    assert code == 2 and "exists: pass --overwrite" in err and _snapshot(*written) == written
+    same_stem = crack.with_suffix(".jpg")
+    Image.open(crack).convert("RGB").save(same_stem)
+    code, _, err = _cli("predict", "--checkpoint", checkpoint, crack, same_stem, "--out",
+                        tmp_path / "other", "--device", "cpu")
+    assert code == 2 and "would both write" in err and not (tmp_path / "other").exists()
+
+
+def test_import_reference_and_export_refuse_existing_outputs(checkpoint, tmp_path):
+    reference = tmp_path / "reference.pth"
+    torch.save({"bn": {}, "decoder": {}}, reference)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = _cli("import-reference", reference, "--backbone", "efficientnet_lite0",
+                        "--out", notes)
+    assert code == 2 and "notes.txt exists: pass --overwrite" in err
+    code, _, err = _cli("export", "--checkpoint", checkpoint, "--out", notes)
+    assert code == 2 and "notes.txt exists: pass --overwrite" in err
+    code, _, err = _cli("export", "--checkpoint", checkpoint, "--out", checkpoint, "--overwrite")
+    assert code == 2 and "is also an input" in err
+    assert notes.read_text() == "mine"
+
+
+def test_import_reference_refuses_a_size_predict_cannot_use(tmp_path):
+    """Item 9: --image-size 100 imported fine, then predict failed."""
+    code, _, err = _cli("import-reference", tmp_path / "missing.pth", "--backbone",
+                        "efficientnet_lite0", "--image-size", "100", "--out", tmp_path / "m")
+    assert code == 2 and "--image-size must be a multiple of 32" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("sibling", ["m.report.json", "m.log.jsonl", "m.resume.safetensors"])
+def test_train_never_replaces_the_report_log_or_resume_state(tiny_mvtec, tmp_path, sibling):
+    (tmp_path / sibling).write_text("mine")
+    code, _, err = _cli("train", "--data", tiny_mvtec.root, "--category", tiny_mvtec.category,
+                        "--out", tmp_path / "m.safetensors", *FAST)
+    assert code == 2 and f"{sibling} exists: pass --overwrite" in err
+    assert (tmp_path / sibling).read_text() == "mine"
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_train_refuses_an_output_that_is_its_own_input(checkpoint, tiny_mvtec):
+    before = _snapshot(checkpoint)
+    code, _, err = _cli("train", "--data", tiny_mvtec.root, "--category", tiny_mvtec.category,
+                        "--out", checkpoint, "--init", checkpoint, "--overwrite", *FAST)
+    assert code == 2 and "is also an input" in err and _snapshot(checkpoint) == before

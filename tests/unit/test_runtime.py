@@ -15,6 +15,12 @@ SIZE = 64
 pytest.importorskip("onnxruntime")
 
 
+@pytest.fixture(autouse=True)
+def default_runtime(monkeypatch):
+    """The users' default (auto), not the test suite's torch (tests/conftest.py)."""
+    monkeypatch.delenv("RD_RUNTIME", raising=False)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny 64 px efficientnet_lite0 checkpoint (ImageNet teacher, seeded student)."""
@@ -26,12 +32,21 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def _count_exports(monkeypatch) -> list[int]:
+def _count_exports(monkeypatch, good) -> list[int]:
+    """Count exports; each "exports" by copying ``good`` (a real export of the same model), so
+    the cache logic is tested without tens of seconds per export."""
+    import shutil
+
     from rd import export
 
     calls: list[int] = []
-    real = export.export_onnx
-    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def copy(detector, out, *args, **kwargs):
+        calls.append(1)
+        shutil.copyfile(good, out)
+        return out
+
+    monkeypatch.setattr(export, "export_onnx", copy)
     return calls
 
 
@@ -48,8 +63,8 @@ def test_onnxruntime_maps_equal_torch_within_1e5(checkpoint):
 
 
 def test_export_is_cached_by_checkpoint_hash(checkpoint, monkeypatch):
-    runtime.load_runtime(checkpoint, "cpu")  # the cache exists after this
-    calls = _count_exports(monkeypatch)
+    first, _ = runtime.load_runtime(checkpoint, "cpu")  # the cache exists after this
+    calls = _count_exports(monkeypatch, first.onnx_path)
     detector, _ = runtime.load_runtime(checkpoint, "cpu")
     assert calls == []
     key = runtime.cache_key(checkpoint, detector)
@@ -61,7 +76,9 @@ def test_export_is_cached_by_checkpoint_hash(checkpoint, monkeypatch):
 def test_corrupt_or_stale_cache_is_rebuilt(checkpoint, monkeypatch):
     detector, _ = runtime.load_runtime(checkpoint, "cpu")
     path = detector.onnx_path
-    calls = _count_exports(monkeypatch)
+    good = path.with_name("good.onnx")
+    good.write_bytes(path.read_bytes())
+    calls = _count_exports(monkeypatch, good)
     path.write_bytes(path.read_bytes()[:1000])  # torn file
     rebuilt, choice = runtime.load_runtime(checkpoint, "cpu")
     assert choice.name == "onnxruntime" and len(calls) == 1 and rebuilt.onnx_path == path
@@ -76,6 +93,7 @@ def test_corrupt_or_stale_cache_is_rebuilt(checkpoint, monkeypatch):
     runtime.load_runtime(checkpoint, "cpu")
     assert len(calls) == 2
     assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}")]
+    good.unlink()
 
 
 def test_another_checkpoint_gets_another_cache(checkpoint, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from rd.data import (
     GOOD,
@@ -220,3 +221,37 @@ def test_builtin_dataset_goes_to_data_home(monkeypatch: pytest.MonkeyPatch, tmp_
     assert ensure_builtin_dataset() == builtin_dataset_root() == tmp_path / "builtin"
     assert ensure_builtin_dataset(tmp_path / "elsewhere") == tmp_path / "elsewhere"
     assert made == [tmp_path / "builtin", tmp_path / "elsewhere"]
+
+
+# --- hard categories (opt-in): non-square images, thin and faint defects -------------------------
+
+
+@pytest.mark.parametrize("category", sorted(synthetic.HARD_CATEGORIES))
+def test_hard_categories_are_deterministic_with_exact_masks(category: str) -> None:
+    height, width = synthetic.HARD_IMAGE_SIZES[category]
+    for kind in synthetic.HARD_CATEGORIES[category]:
+        image, mask = render_sample(category, "test", kind, 0)
+        again, _ = render_sample(category, "test", kind, 0)
+        clean, empty = render_sample(category, "test", kind, 0, defect=False)
+        assert image.shape == (height, width, 3) and np.array_equal(image, again)
+        assert not empty.any() and mask.any()
+        changed = (image != clean).any(axis=2)
+        assert not (changed & ~mask).any()  # every changed pixel is in the mask
+        assert changed.sum() >= 0.5 * mask.sum()  # and the mask is mostly changed pixels
+        if kind in ("crack", "scratch"):  # hairline: nowhere thicker than 3 px
+            assert ndimage.distance_transform_edt(mask).max() <= 2.0
+        if kind == "uneven":  # a large faint region, a few grey levels
+            assert 0.05 < mask.mean() < 0.45
+            difference = np.abs(image.astype(int) - clean.astype(int))[mask].mean()
+            assert difference < 15
+
+
+def test_hard_categories_are_opt_in(tmp_path: Path) -> None:
+    assert not set(synthetic.HARD_CATEGORIES) & set(SYNTHETIC_CATEGORIES)
+    root = generate_dataset(tmp_path, ["metal_strip"], n_train=1, n_test_good=1, n_per_defect=1)
+    assert list_categories(root) == ["metal_strip"]
+    meta = json.loads((root / "metal_strip" / "dataset.json").read_text())
+    assert meta["image_size"] == [256, 1024]
+    train = pixels(root / "metal_strip" / "train" / GOOD / "000.png")
+    assert train.shape == (256, 1024, 3)
+    assert (train[..., 0] == train[..., 1]).all()  # grey

@@ -176,3 +176,45 @@ def test_mask_box_and_hex_colour():
     assert hex_colour("#ff8000") == (255, 128, 0)
     with pytest.raises(ValueError, match="colour"):
         hex_colour("#fff")
+
+
+def test_region_of_fills_boxes_and_lassos_and_ignores_points_then():
+    from app.views.learn import region_of
+
+    box = region_of({"box": [{"x": [12, 2], "y": [3, 6]}], "points": [{"x": 0, "y": 0}]}, 10, 16)
+    assert box.shape == (10, 16)
+    assert box[3:7, 2:13].all() and box.sum() == 4 * 11  # both ends inclusive; points ignored
+    triangle = region_of({"lasso": [{"x": [0, 9, 0], "y": [0, 0, 9]}]}, 10, 10)
+    assert triangle[1, 1] and not triangle[9, 9]
+    assert region_of({"box": [], "lasso": [], "points": []}, 10, 10) is None
+
+
+def test_region_of_a_click_is_a_disc_of_the_brush_width():
+    from app.views.learn import region_of
+
+    spot = region_of({"points": [{"x": 10, "y": 5}]}, 20, 20, brush=5)
+    rows, columns = np.nonzero(spot)
+    assert spot[5, 10] and rows.min() == 3 and rows.max() == 7 and columns.min() == 8
+
+
+def test_paint_region_and_centre_of():
+    from app.views.learn import centre_of, paint_region
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    region = np.zeros((8, 8), bool)
+    region[2:4, 1:7] = True
+    painted, changed = paint_region(image, region, (200, 10, 10))
+    assert (changed == region).all() and (painted[region] == (200, 10, 10)).all()
+    assert not image.any()  # the original is left as it was
+    assert centre_of(region) == (4, 3)
+
+
+def test_canvas_figure_is_the_image_with_selectable_points_on_pixel_axes():
+    from app.views.learn import canvas_figure
+
+    figure = canvas_figure(np.zeros((16, 24, 3), np.uint8), step=4)
+    picture, points = figure.data
+    assert picture.type == "image" and len(points.x) == 4 * 6
+    assert max(points.x) < 24 and max(points.y) < 16
+    assert figure.layout.dragmode == "lasso"
+    assert list(figure.layout.yaxis.range) == [15.5, -0.5]  # rows grow downwards

@@ -1,0 +1,151 @@
+"""Streaming folder scoring: inputs, rows, errors, resume after a torn write, saved maps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rd.checkpoints import save_checkpoint
+from rd.data import HALF, Preprocess
+from rd.detector import load
+from rd.model import build_model
+from rd.scoring import COLUMNS, ScoringError, collect_inputs, read_rows, score
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("scoring") / "tiny.safetensors"
+    save_checkpoint(build_model("efficientnet_lite0"), path,
+                    {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum",
+                     "category": "tiny", "metrics": {"thresholds": {"f1": 0.0}}})
+    found = load(path, "cpu")
+    found.batch_size = 4
+    return found
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """11 images in nested folders (two share a name), one corrupt file, one non-image."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for index in range(11):
+        sub = root / ("a" if index % 2 else "b") / ("deep" if index > 7 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (40 + index, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(sub / f"img{index:02d}.png")
+    Image.fromarray(pixels).save(root / "a" / "img00.png")  # same name as b/img00.png
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _scores_one_by_one(detector, paths):
+    return {p: float(detector.predict(p).scores[0]) for p in paths}
+
+
+def test_collect_inputs_folders_globs_and_lists(folder, tmp_path):
+    inputs = collect_inputs([folder])
+    assert len(inputs.paths) == 13 and inputs.paths == sorted(inputs.paths)
+    assert str(folder / "notes.txt") not in inputs.paths
+    relative = {str(inputs.relative(p)) for p in inputs.paths}
+    assert len(relative) == 13 and "a/img00.png" in relative and "b/img00.png" in relative
+    pattern = collect_inputs([str(folder / "**" / "deep" / "*.png")])
+    assert len(pattern.paths) == 3
+    listing = tmp_path / "list.txt"
+    listing.write_text("# two images\nimages/a/img01.png\n\n" + str(folder / "b/img02.png") + "\n")
+    both = collect_inputs([folder / "a" / "img01.png"], listing)  # duplicates scored once
+    assert [p.split("/")[-1] for p in both.paths] == ["img01.png", "img02.png"]
+    with pytest.raises(ScoringError, match="no such file"):
+        collect_inputs([folder / "missing"])
+    with pytest.raises(ScoringError, match="matches no image"):
+        collect_inputs([str(folder / "*.jpg")])
+
+
+def test_csv_rows_scores_errors_and_verdicts(detector, folder, tmp_path):
+    inputs = collect_inputs([folder])
+    out = tmp_path / "scores.csv"
+    summary = score(detector, inputs, out, workers=2, progress=False)
+    rows = read_rows(out, "csv")
+    assert [r["path"] for r in rows] == inputs.paths  # every image once, in input order
+    assert summary.scored == 13 and summary.errors == 1
+    broken = next(r for r in rows if r["path"].endswith("broken.png"))
+    assert broken["verdict"] == "error" and broken["error"] and broken["score"] == ""
+    good = [r for r in rows if not r["error"]]
+    expected = _scores_one_by_one(detector, [r["path"] for r in good])
+    for row in good:
+        assert abs(float(row["score"]) - expected[row["path"]]) <= 1e-5
+        assert row["verdict"] == "defective"  # the checkpoint's threshold is 0
+        image = Image.open(row["path"])
+        assert (int(row["width"]), int(row["height"])) == image.size
+        assert float(row["seconds"]) > 0
+    assert out.read_text().splitlines()[0] == ",".join(COLUMNS)
+
+
+def test_jsonl_threshold_override_and_no_overwrite(detector, folder, tmp_path):
+    inputs = collect_inputs([folder / "a"])
+    out = tmp_path / "scores.jsonl"
+    score(detector, inputs, out, threshold=1e9, workers=0, progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(inputs.paths) and {r["verdict"] for r in rows} == {"normal"}
+    assert all(isinstance(r["score"], float) for r in rows)
+    with pytest.raises(ScoringError, match="--resume"):
+        score(detector, inputs, out, progress=False)
+
+
+@pytest.mark.parametrize("output_format", ["csv", "jsonl"])
+def test_resume_after_a_torn_write_loses_and_repeats_nothing(detector, folder, tmp_path,
+                                                              output_format):
+    inputs = collect_inputs([folder])
+    full = tmp_path / f"full.{output_format}"
+    score(detector, inputs, full, workers=0, progress=False)
+    lines = full.read_bytes().splitlines(keepends=True)
+    cut = tmp_path / f"cut.{output_format}"
+    keep = 6 if output_format == "csv" else 5  # the CSV has a header line
+    cut.write_bytes(b"".join(lines[:keep]) + lines[keep][:7])  # killed inside a write
+    summary = score(detector, inputs, cut, resume=True, workers=1, progress=False)
+    assert summary.skipped == 5 and summary.scored == 8
+    resumed, expected = read_rows(cut, output_format), read_rows(full, output_format)
+    assert [r["path"] for r in resumed] == inputs.paths  # none lost, none twice, in order
+    assert resumed[:5] == expected[:5]  # the complete rows were kept as they were
+    for got, want in zip(resumed, expected, strict=True):
+        assert got["error"] == want["error"]
+        if not got["error"]:
+            assert abs(float(got["score"]) - float(want["score"])) <= 1e-5
+    again = score(detector, inputs, cut, resume=True, progress=False)
+    assert again.scored == 0 and len(read_rows(cut, output_format)) == 13
+
+
+def test_resume_refuses_a_foreign_file(detector, folder, tmp_path):
+    out = tmp_path / "other.csv"
+    out.write_text("name,value\nx,1\n")
+    with pytest.raises(ScoringError, match="columns"):
+        score(detector, collect_inputs([folder]), out, resume=True, progress=False)
+
+
+def test_save_maps_defective_only_keeps_relative_paths(detector, folder, tmp_path):
+    inputs = collect_inputs([folder])
+    maps = tmp_path / "maps"
+    threshold = float(np.median(list(_scores_one_by_one(
+        detector, [p for p in inputs.paths if "broken" not in p]).values())))
+    rows = []
+    score(detector, inputs, None, threshold=threshold, save_maps="defective", maps_dir=maps,
+          progress=False, print_row=rows.append)
+    flagged = [line.split("\t")[0] for line in rows if line.endswith("\tdefective")]
+    saved = sorted(p.relative_to(maps) for p in maps.rglob("*.npy"))
+    assert len(flagged) == 6 and len(saved) == 6
+    assert sorted(inputs.relative(p).with_suffix(".npy") for p in flagged) == saved
+    fused = np.load(maps / saved[0])
+    assert fused.shape == (SIZE, SIZE) and fused.dtype == np.float32
+    assert all((maps / s).with_suffix(".png").exists() for s in saved)
+    assert any(line.split("\t")[1] == "error" for line in rows)
+    shutil.rmtree(maps)
+    with pytest.raises(ScoringError, match="--out DIR"):
+        score(detector, inputs, None, save_maps="all", progress=False)
