@@ -88,7 +88,8 @@ def save_settings(settings: dict[str, Any]) -> None:
 
 
 @st.cache_resource(show_spinner="Preparing the built-in dataset…")
-def _sources(extra: tuple[tuple[str, str], ...]) -> list[DataSource]:
+def _sources(home: str, extra: tuple[tuple[str, str], ...]) -> list[DataSource]:
+    del home  # cache key only: the built-in data lives in the data home
     return available_sources({name: Path(root) for name, root in extra})
 
 
@@ -103,7 +104,7 @@ def remembered_roots() -> tuple[tuple[str, str], ...]:
 
 def data_sources() -> list[DataSource]:
     """Every data source the sidebar offers (the Train page's form lists them too)."""
-    return _sources(remembered_roots())
+    return _sources(str(data_home()), remembered_roots())
 
 
 # ------------------------------------------------------------------------ page requirements
@@ -202,9 +203,14 @@ def predict(detector: Detector, images: list[Any]):
         return detector.predict(images)
 
 
-@st.cache_resource
 def store() -> results.ResultsStore:
-    return results.ResultsStore()
+    """The results store of the current data home."""
+    return _store(str(data_home()))
+
+
+@st.cache_resource
+def _store(home: str) -> results.ResultsStore:
+    return results.ResultsStore(Path(home) / "results")
 
 
 # ------------------------------------------------------------------------------- detection
@@ -385,18 +391,13 @@ def evaluation(chosen: Selection, detector: Detector) -> Evaluation:
 
 
 def report_for(chosen: Selection) -> dict[str, Any] | None:
-    """Deprecated (use ``evaluation``): the report if it is complete, else None; never waits."""
+    """The complete report of ``chosen``'s model (e.g. another backbone to compare with), or
+    None while its background evaluation runs; never waits."""
     if chosen.entry is None:
         return None
     path = chosen.entry.path
     detector = load_model(str(path), path.stat().st_mtime, chosen.device)
     return evaluation(chosen, detector).report
-
-
-def maps_for(chosen: Selection, detector: Detector, path: Path) -> dict[str, Any]:
-    """Deprecated (use ``detect``): the maps and stored score of one test image as a dict."""
-    found = detect(chosen, detector, path)
-    return {"layer_maps": found.layer_maps, "fused": found.fused, "score": found.score}
 
 
 def test_samples(chosen: Selection) -> list[Sample]:

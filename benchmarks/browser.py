@@ -47,8 +47,10 @@ SETTLED = """() => {
   return app !== null && app.getAttribute('data-test-script-state') === 'notRunning'
     && document.querySelector('[data-stale="true"]') === null;
 }"""
-IMAGES_LOADED = """(selector) => {
-  const images = [...document.querySelectorAll(selector)];
+IMAGES_LOADED = """(caption) => {
+  const images = [...document.querySelectorAll('[data-testid="stImage"]')]
+    .filter(block => block.innerText.includes(caption))
+    .flatMap(block => [...block.querySelectorAll('img')]);
   return images.length > 0 && images.every(img => img.complete && img.naturalWidth > 0);
 }"""
 
@@ -112,19 +114,16 @@ def go_to(page: Any, name: str) -> None:
     page.get_by_role("heading", name=name, exact=True).wait_for()
 
 
-def _images_loaded(page: Any, selector: str, timeout_s: float = 180) -> None:
-    page.wait_for_function(IMAGES_LOADED, arg=selector, timeout=timeout_s * 1000)
-
-
-def _detail_selector(caption: str) -> str:
-    return f'[data-testid="stImage"]:has-text("{caption}") img'
+def _images_loaded(page: Any, caption: str = "", timeout_s: float = 180) -> None:
+    """Wait until every picture whose caption contains ``caption`` has loaded."""
+    page.wait_for_function(IMAGES_LOADED, arg=caption, timeout=timeout_s * 1000)
 
 
 def wait_for_detail(page: Any, title: str) -> None:
     """The detail of ``title`` is on screen: its heading, and every map loaded."""
     page.get_by_role("heading", name=title, exact=True).wait_for()
     for caption in DETAIL_CAPTIONS:
-        _images_loaded(page, _detail_selector(caption))
+        _images_loaded(page, caption)
     settle(page)
 
 
@@ -134,7 +133,7 @@ def first_thumbnails(page: Any, url: str) -> float:
     page.goto(url)
     page.get_by_role("button", name="Open image", exact=True).first.wait_for(
         timeout=START_TIMEOUT_S * 1000)
-    _images_loaded(page, '[data-testid="stImage"] img')
+    _images_loaded(page)
     return time.perf_counter() - start
 
 
@@ -206,7 +205,7 @@ def switch_category(page: Any, category: str) -> float:
     page.locator('[data-testid="stImage"]', has_text="good/").first.wait_for(
         timeout=START_TIMEOUT_S * 1000)
     page.get_by_text(f"/ {category} ·").first.wait_for(timeout=START_TIMEOUT_S * 1000)
-    _images_loaded(page, '[data-testid="stImage"] img')
+    _images_loaded(page)
     settle(page)
     return time.perf_counter() - start
 
@@ -216,7 +215,7 @@ def review_gallery(page: Any) -> float:
     start = time.perf_counter()
     go_to(page, "Review")
     page.locator('[data-testid="stImage"]').first.wait_for(timeout=START_TIMEOUT_S * 1000)
-    _images_loaded(page, '[data-testid="stImage"] img')
+    _images_loaded(page)
     return time.perf_counter() - start
 
 

@@ -121,7 +121,7 @@ def _descriptors(teacher: Teacher, images: Sequence[Image.Image], preprocess: Pr
                  geometry: Geometry, device: torch.device) -> torch.Tensor:
     """One vector per image: each teacher layer pooled to a 4x4 grid, L2-normalised, joined
     (coarse layout kept, so a flipped or turned part is told apart)."""
-    view = geometry if geometry.mode != "tile" else Geometry("letterbox")
+    view = geometry if geometry.mode in ("squash", "letterbox") else Geometry("letterbox")
     batch = torch.cat([view.inputs(image, preprocess).images for image in images])
     parts = []
     for start in range(0, len(batch), 8):

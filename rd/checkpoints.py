@@ -63,6 +63,7 @@ class CheckpointMetadata(Mapping[str, Any]):
     metrics: dict[str, Any] | None = None  # headline numbers and "thresholds" {kind: value}
     normal_scores: dict[str, float] | None = None  # statistics of normal test-image scores
     extra: dict[str, Any] = field(default_factory=dict)
+    key_order: tuple[str, ...] = ()  # the keys read, in their order: to_dict writes just those
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "checkpoint"
@@ -122,14 +123,14 @@ class CheckpointMetadata(Mapping[str, Any]):
             for name, value in normal.items():
                 if not _is_number(value):
                     raise bad(f"normal_scores.{name}", "a finite number")
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)} - {"extra", "key_order"}
         return cls(
             preprocess=dict(preprocess), backbone=values.get("backbone"),
             teacher_weights=values.get("teacher_weights"), category=values.get("category"),
             fusion=values.get("fusion") or "sum", command=values.get("command") or "",
             metrics=None if metrics is None else dict(metrics),
             normal_scores=None if normal is None else dict(normal),
-            extra={k: v for k, v in values.items() if k not in known})
+            extra={k: v for k, v in values.items() if k not in known}, key_order=tuple(values))
 
     def to_dict(self) -> dict[str, Any]:
         """The stored form: every field that holds a value, and the extra keys."""
@@ -137,8 +138,13 @@ class CheckpointMetadata(Mapping[str, Any]):
 
     @cached_property
     def _stored(self) -> dict[str, Any]:
-        known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        return {**self.extra, **{k: v for k, v in known.items() if v is not None and v != ""}}
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name not in ("extra", "key_order")}
+        if not self.key_order:  # made here, not read: the fields that hold a value
+            return {**self.extra, **{k: v for k, v in values.items() if v not in (None, "")}}
+        values.update(self.extra)
+        order = [*self.key_order, *(k for k in self.extra if k not in self.key_order)]
+        return {k: values[k] for k in order if k in values}
 
     # a read-only mapping of to_dict(), for code that reads keys by name
     def __getitem__(self, key: str) -> Any:

@@ -211,7 +211,7 @@ class EvaluationReport(Mapping[str, Any]):
     per_defect: dict[str, dict[str, Any]] = field(default_factory=dict)
     images: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # ROC curves, timings, legacy_pro...
-    order: tuple[str, ...] = ()  # the keys read, in their order: to_dict writes just those
+    key_order: tuple[str, ...] = ()  # the keys read, in their order: to_dict writes just those
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "report") -> EvaluationReport:
@@ -237,10 +237,10 @@ class EvaluationReport(Mapping[str, Any]):
                 raise bad(name, "an object")
         if not isinstance(values.get("images", []), list):
             raise bad("images", "a list")
-        known = {f.name for f in fields(cls)} - {"extra", "order"}
+        known = {f.name for f in fields(cls)} - {"extra", "key_order"}
         return cls(**{k: v for k, v in values.items() if k in known},
                    extra={k: v for k, v in values.items() if k not in known},
-                   order=tuple(values))
+                   key_order=tuple(values))
 
     @classmethod
     def read(cls, path: str | Path) -> EvaluationReport:
@@ -254,11 +254,11 @@ class EvaluationReport(Mapping[str, Any]):
     def to_dict(self) -> dict[str, Any]:
         """The report's JSON, as ``evaluate`` made it."""
         values = {f.name: getattr(self, f.name) for f in fields(self)
-                  if f.name not in ("extra", "order")}
+                  if f.name not in ("extra", "key_order")}
         values.update(self.extra)
-        if not self.order:  # made here, not read: every field
+        if not self.key_order:  # made here, not read: every field
             return values
-        keys = [*self.order, *(k for k in self.extra if k not in self.order)]
+        keys = [*self.key_order, *(k for k in self.extra if k not in self.key_order)]
         return {k: values[k] for k in keys if k in values}
 
     def write(self, path: str | Path) -> None:

@@ -6,6 +6,10 @@
 - ``tile``: scale the image by ``tile_scale`` (1 = native pixels), cover it with S×S tiles that
   overlap by ``overlap`` of a tile; train on the tiles of normal images, and at inference stitch
   the per-layer maps (overlaps averaged), then fuse, blur and score the whole image.
+- ``multiscale``: ``tile`` and ``letterbox`` together: one student trains on the tiles and on the
+  whole letterboxed image; at inference the stitched tile maps and the whole-image maps (brought
+  to the same size) are averaged per layer. Tiles see thin defects at native resolution, the
+  whole image sees what only its context reveals (a faint uneven region larger than a tile).
 
 Maps of ``letterbox`` and ``tile`` come back at the original image size. The geometry is stored
 in the checkpoint's metadata (key ``geometry``; absent means ``squash``).
@@ -30,7 +34,7 @@ from rd.data.mvtec import ImageDataset, Sample
 from rd.data.transforms import Preprocess
 from rd.maps import fuse, gaussian_blur, layer_maps
 
-RESIZE_MODES = ("squash", "letterbox", "tile")
+RESIZE_MODES = ("squash", "letterbox", "tile", "multiscale")
 ImageTransform = Callable[[Image.Image, int], Image.Image]  # (image, seed) -> image
 
 
@@ -78,6 +82,14 @@ class Geometry:
                                     preprocess, (size, size), (top, left))
             return Inputs(canvas.unsqueeze(0), valid.unsqueeze(0), [(0, 0)], (size, size),
                           (height, width), (top, left))
+        if self.mode == "multiscale":  # training inputs: the tiles, then the whole image
+            tiles = Geometry("tile", self.tile_scale, self.overlap).inputs(image, preprocess)
+            if len(tiles.images) == 1 and tiles.content == (size, size):
+                return tiles  # one tile is the whole image: no second, identical input
+            whole = Geometry("letterbox").inputs(image, preprocess)
+            return Inputs(torch.cat([tiles.images, whole.images]),
+                          torch.cat([tiles.valid, whole.valid]), tiles.corners, tiles.canvas,
+                          tiles.content)
         height = max(1, round(image.height * self.tile_scale))
         width = max(1, round(image.width * self.tile_scale))
         scaled = image if (height, width) == (image.height, image.width) else image.resize(
@@ -168,18 +180,9 @@ class NativeMaps:
 
 
 @torch.no_grad()
-def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Preprocess,
-                   geometry: Geometry, fusion: str = "sum", chunk: int = 4,
-                   device: torch.device | None = None) -> NativeMaps:
-    """Maps of one image at its original size, the way ``geometry`` fits it to the model.
-
-    ``squash`` upsamples the paper's S×S maps; ``letterbox`` crops the padding away;
-    ``tile`` stitches the tiles' per-layer maps (overlaps averaged) before fusing and blurring.
-    """
-    rgb = read_image(image)
-    device = device or next(model.parameters()).device
-    inputs = geometry.inputs(rgb, preprocess)
-    size = preprocess.size
+def _stitched(model: torch.nn.Module, inputs: Inputs, size: int, chunk: int,
+              device: torch.device) -> torch.Tensor:
+    """(1, 3, h, w) per-layer maps of the inputs' canvas, overlapping inputs averaged."""
     canvas_h, canvas_w = inputs.canvas
     total = torch.zeros(1, 3, canvas_h, canvas_w, device=device)
     counts = torch.zeros(1, 1, canvas_h, canvas_w, device=device)
@@ -191,10 +194,37 @@ def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Prepr
             y, x = inputs.corners[start + index]
             total[0, :, y:y + size, x:x + size] += tile_maps
             counts[0, :, y:y + size, x:x + size] += 1
-    stitched = total / counts
+    return total / counts
+
+
+def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Preprocess,
+                   geometry: Geometry, fusion: str = "sum", chunk: int = 4,
+                   device: torch.device | None = None) -> NativeMaps:
+    """Maps of one image at its original size, the way ``geometry`` fits it to the model.
+
+    ``squash`` upsamples the paper's S×S maps; ``letterbox`` crops the padding away;
+    ``tile`` stitches the tiles' per-layer maps (overlaps averaged) before fusing and blurring.
+    """
+    rgb = read_image(image)
+    device = device or next(model.parameters()).device
+    multiscale = geometry.mode == "multiscale"
+    if multiscale:
+        geometry = Geometry("tile", geometry.tile_scale, geometry.overlap)
+    inputs = geometry.inputs(rgb, preprocess)
+    stitched = _stitched(model, inputs, preprocess.size, chunk, device)
+    canvas_h, canvas_w = inputs.canvas
     canvas_valid = torch.zeros(1, canvas_h, canvas_w, device=device)
     top, left = inputs.offset
     height, width = inputs.content
+    if multiscale:  # average with the whole image's maps, brought to the tiled content's size
+        whole = Geometry("letterbox").inputs(rgb, preprocess)
+        box_top, box_left = whole.offset
+        box_h, box_w = whole.content
+        maps = _stitched(model, whole, preprocess.size, chunk, device)
+        maps = maps[:, :, box_top:box_top + box_h, box_left:box_left + box_w]
+        maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+        stitched[:, :, top:top + height, left:left + width] += maps
+        stitched[:, :, top:top + height, left:left + width] /= 2
     canvas_valid[:, top:top + height, left:left + width] = 1
     smoothed = masked_blur(fuse(stitched, fusion), canvas_valid)
     score = float(masked_scores(smoothed, canvas_valid)[0])

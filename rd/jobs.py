@@ -45,6 +45,16 @@ to the ranks): the trainer finishes its current step, writes its resume state an
 ``STOPPED_EXIT`` ("cancelled", resumable); after ``CANCEL_TIMEOUT_S`` the job's process group is
 killed (the ranks, in sessions of their own, die with torchrun: ``die_with_parent``).
 
+**Broken folders.** A job folder whose ``spec.json`` or ``status.json`` is missing, not JSON,
+or lacks what listing and scheduling read is listed in state ``broken`` with the reason (its
+spec shown with placeholders), so it never hides other jobs or stops a page; ``repair`` gives a
+job whose status alone is damaged a fresh ``interrupted`` status (``resume`` then continues it)
+and ``delete`` removes a job folder that is not running.
+
+**Resume by stage.** A resumed job continues where it stopped: training from its resume state;
+if training had finished, the evaluation; if that had finished too, only the registration, which
+is skipped when the manifest already lists this very checkpoint (same SHA-256).
+
 POSIX only (sessions, signals, flock); liveness reads ``/proc`` where it exists.
 """
 
@@ -56,6 +66,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +84,8 @@ from rd.checkpoints import read_metadata
 from rd.data import MVTecCategory, list_categories
 from rd.errors import RDError
 from rd.evaluation import format_summary
-from rd.files import atomic_write, data_home, die_with_parent
+from rd.files import atomic_write, data_home, die_with_parent, file_sha256
+from rd.manifest import read_manifest, user_manifest
 from rd.model import resolve_device
 from rd.pipeline import register_model, train_and_evaluate
 from rd.training import (
@@ -85,7 +97,10 @@ from rd.training import (
     resume_path,
 )
 
-# A job's state is one of queued, running, succeeded, failed, cancelled, interrupted.
+# A job's state is one of queued, running, succeeded, failed, cancelled, interrupted -- or
+# broken: its folder cannot be read (see the module's notes).
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+BROKEN = "broken"
 ACTIVE = ("queued", "running")
 RESUMABLE = ("cancelled", "interrupted")
 ROOT_ENV = "RD_JOBS_ROOT"
@@ -141,15 +156,15 @@ class Job:
     @property
     def legacy(self) -> bool:
         """Written by an earlier version, with command-line options instead of a typed spec."""
-        return "config" not in self.spec
+        return self.state != BROKEN and "config" not in self.spec
 
     @property
     def config(self) -> TrainConfig:
         """The training configuration (JobError for a legacy spec, or a damaged one)."""
+        if self.state == BROKEN:
+            raise JobError(self.status["message"])
         if self.legacy:
-            raise JobError(f"job {self.id} was saved by an earlier version as command-line "
-                           f"options and cannot be run from here: `python -m rd jobs resume "
-                           f"{self.id}` converts it, or submit it again")
+            raise JobError(_legacy_message(self.id))
         try:
             return TrainConfig.from_dict(self.spec["config"])
         except RDError as error:
@@ -158,18 +173,27 @@ class Job:
     @property
     def command(self) -> str:
         """The equivalent command line, for people to read."""
+        if self.state == BROKEN:
+            return f"(unknown: {self.status['reason']})"
         if self.legacy:
             return f"python -m rd train {shlex.join(self.spec.get('train_args', []))}"
         return self.spec.get("command") or (
             f"train {self.spec['backbone']} on {self.spec['data']} / {self.spec['category']}")
 
     def metrics(self) -> list[dict[str, Any]]:
-        """The per-epoch records of the training log (a torn last line is skipped)."""
+        """The per-epoch records of the training log (a torn or foreign line is skipped)."""
         path = log_path(self.checkpoint)
         records = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
+        try:
+            lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+        except OSError:
+            lines = []
+        for line in lines:
+            with contextlib.suppress(json.JSONDecodeError, RecursionError):
+                record = json.loads(line)
+                if isinstance(record, dict) and all(
+                        _is_number(record.get(k)) for k in ("epoch", "loss", "seconds")):
+                    records.append(record)
         return records
 
     def progress(self) -> Progress:
@@ -185,13 +209,19 @@ class Job:
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the log as a terminal would show them (a progress bar's ``\\r``
         updates collapse to their last state)."""
-        if not self.log.exists():
+        if not self.log.is_file():  # not a FIFO or a folder either: never block or fail
             return ""
         with self.log.open("rb") as handle:
             handle.seek(max(0, self.log.stat().st_size - 256 * 1024))
             text = handle.read().decode("utf-8", errors="replace")
         shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")]
         return "\n".join(shown[-lines:])
+
+
+def _legacy_message(job_id: str) -> str:
+    return (f"job {job_id} was saved by an earlier version as command-line options and cannot "
+            f"be run from here: `python -m rd jobs resume {job_id}` converts it, or submit it "
+            "again")
 
 
 def jobs_root(root: str | Path | None = None) -> Path:
@@ -299,21 +329,62 @@ def migrate(job_id: str, config: TrainConfig, data: str | Path, evaluate: bool =
 
 
 def get(job_id: str, root: str | Path | None = None) -> Job:
-    """The job ``job_id``; a malformed id (a path, say) is refused before any file is read."""
+    """The job ``job_id``; a malformed id (a path, say) is refused before any file is read.
+
+    A folder that cannot be read as a job is returned in state ``broken``, with the reason.
+    """
     if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
         raise JobError(f"invalid job id {job_id!r}")
     folder = jobs_root(root) / job_id
-    try:
-        spec = json.loads((folder / "spec.json").read_text())
-        status = json.loads((folder / "status.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise JobError(f"no job {job_id} in {folder.parent}") from None
+    if not folder.is_dir() or folder.is_symlink():
+        raise JobError(f"no job {job_id} in {folder.parent}")
+    spec, problem = _read_object(folder / "spec.json")
+    status, status_problem = _read_object(folder / "status.json")
+    problem = problem or _spec_problem(spec) or status_problem or _status_problem(status)
+    if problem:
+        return _broken(job_id, folder, spec, problem)
     return Job(job_id, folder, spec, status)
 
 
 def list_jobs(root: str | Path | None = None) -> list[Job]:
-    """Every job, in submission order."""
-    return _all(jobs_root(root))
+    """Every job, in submission order (broken ones included, see the module's notes)."""
+    root = jobs_root(root)
+    if not root.is_dir():
+        return []
+    with _locked(root):  # no half-created job folder is seen
+        return _all(root)
+
+
+def repair(job_id: str, root: str | Path | None = None) -> Job:
+    """Give a broken job whose status alone is damaged the status ``interrupted`` (resume then
+    continues it from its files); a damaged spec cannot be rebuilt: delete that job."""
+    root = jobs_root(root)
+    with _locked(root):
+        job = get(job_id, root)
+        if job.state != BROKEN:
+            raise JobError(f"job {job_id} is {job.state}, not broken: nothing to repair")
+        spec, problem = _read_object(job.folder / "spec.json")
+        problem = problem or _spec_problem(spec)
+        if problem:
+            raise JobError(f"job {job_id} cannot be repaired: {problem}; remove it with "
+                           f"`python -m rd jobs delete {job_id}` and submit it again")
+        now = time.time()
+        _write_json(job.folder / "status.json", {
+            "state": "interrupted", "queued_at": now, "attempts": 0, "finished_at": now,
+            "message": f"repaired ({job.status['reason']}): resume continues it"})
+    return get(job_id, root)
+
+
+def delete(job_id: str, root: str | Path | None = None) -> Job:
+    """Remove a job's folder (log, checkpoint and all); a running job must be cancelled first.
+    A model the job registered stays registered."""
+    root = jobs_root(root)
+    with _locked(root):
+        job = get(job_id, root)
+        if job.state == "running" and _alive(job.status):
+            raise JobError(f"job {job_id} is running: cancel it first")
+        shutil.rmtree(job.folder)
+    return job
 
 
 def cancel(job_id: str, root: str | Path | None = None) -> Job:
@@ -339,10 +410,13 @@ def resume(job_id: str, root: str | Path | None = None) -> Job:
     root = jobs_root(root)
     with _locked(root):
         job = get(job_id, root)
+        if job.state == BROKEN:
+            raise JobError(job.status["message"])
         if job.state not in RESUMABLE:
             raise JobError(f"job {job_id} is {job.state}: only cancelled or interrupted jobs can "
                            "be resumed")
-        job.config  # noqa: B018  (a legacy or damaged spec is refused here, not in the job)
+        if job.legacy:  # refused here, not once its process has started
+            raise JobError(_legacy_message(job.id))
         _set(job, state="queued", queued_at=time.time(), cancel_requested_at=None,
              message="queued to resume")
     schedule(root)
@@ -482,6 +556,8 @@ def run_rank(job: Job) -> int:
         loss = result.losses[-1] if result.losses else float("nan")
         print(f"trained {result.epochs_trained} epochs in {result.seconds:.1f} s; final loss "
               f"{loss:.4f}; checkpoint {job.checkpoint}")
+        for line in outcome.notes():
+            print(line)
         if outcome.not_evaluated:
             print(f"not evaluated: {outcome.not_evaluated}")
         if outcome.report is not None:
@@ -495,6 +571,13 @@ def run_rank(job: Job) -> int:
 
 
 def _register(job: Job) -> None:
+    """Register the job's model, unless an interrupted attempt already did (same file)."""
+    digest = file_sha256(job.checkpoint)
+    for entry in read_manifest(user_manifest()):
+        if entry.sha256 == digest and entry.dataset == job.spec["dataset"]:
+            print(f"already registered as {entry.dataset}/{entry.category}/{entry.backbone} -> "
+                  f"{entry.path}")
+            return
     entry = register_model(job.checkpoint, job.spec["dataset"])
     print(f"registered {entry.dataset}/{entry.category}/{entry.backbone} -> {entry.path}")
 
@@ -540,10 +623,84 @@ def _locked(root: Path) -> Iterator[None]:
 def _all(root: Path) -> list[Job]:
     jobs = []
     for folder in root.iterdir() if root.is_dir() else []:
-        if _ID.fullmatch(folder.name) and (folder / "status.json").exists():
+        if _ID.fullmatch(folder.name) and folder.is_dir():
             with contextlib.suppress(JobError):
                 jobs.append(get(folder.name, root))
     return sorted(jobs, key=lambda job: job.spec["submitted"])
+
+
+def _read_object(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A JSON object from ``path``, or ({}, what is wrong with the file)."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, f"{path.name} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return {}, f"{path.name} cannot be read ({first[:120]})"
+    if not isinstance(value, dict):
+        return {}, f"{path.name} is not a JSON object"
+    return value, None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# What listing, scheduling and the pages read of a spec: each field's check, and what a broken
+# job shows instead.
+_SPEC_FIELDS: dict[str, tuple[Any, Any]] = {
+    "submitted": (_is_number, 0.0), "resource": (lambda v: v in ("cpu", "gpu"), "cpu"),
+    "epochs": (_is_count, 0), "nproc": (_is_count, 1), "name": (lambda v: isinstance(v, str), "?"),
+    "dataset": (lambda v: isinstance(v, str), "?"), "category": (lambda v: isinstance(v, str), "?"),
+    "backbone": (lambda v: isinstance(v, str), "?"), "cwd": (lambda v: isinstance(v, str), "."),
+}
+
+
+def _spec_problem(spec: dict[str, Any]) -> str | None:
+    for name, (valid, _) in _SPEC_FIELDS.items():
+        if name not in spec:
+            return f"spec.json lacks {name!r}"
+        if not valid(spec[name]):
+            return f"spec.json has a bad {name!r} ({spec[name]!r:.60})"
+    if "config" in spec:
+        if not isinstance(spec["config"], dict):
+            return "spec.json has a bad 'config' (not an object)"
+    elif not (isinstance(spec.get("train_args"), list)
+              and all(isinstance(a, str) for a in spec["train_args"])):
+        return "spec.json has neither a 'config' nor 'train_args'"
+    return None
+
+
+def _status_problem(status: dict[str, Any]) -> str | None:
+    state = status.get("state")
+    if state not in STATES:
+        return f"status.json has no valid 'state' ({state!r:.40})"
+    if state == "queued" and not _is_number(status.get("queued_at")):
+        return "status.json of a queued job lacks 'queued_at'"
+    if state == "running" and not _is_count(status.get("pid")):
+        return "status.json of a running job lacks its 'pid'"
+    if not isinstance(status.get("attempts", 0), int):
+        return "status.json has a bad 'attempts'"
+    return None
+
+
+def _broken(job_id: str, folder: Path, spec: dict[str, Any], problem: str) -> Job:
+    """A job that cannot be read, showing what could be read of its spec, and why."""
+    submitted = 0.0
+    with contextlib.suppress(OSError):
+        submitted = folder.stat().st_mtime
+    shown = {name: spec[name] if name in spec and valid(spec[name]) else default
+             for name, (valid, default) in _SPEC_FIELDS.items()}
+    if not _is_number(spec.get("submitted")):
+        shown["submitted"] = submitted
+    message = (f"broken: {problem}: `python -m rd jobs repair {job_id}` or "
+               f"`python -m rd jobs delete {job_id}`")
+    return Job(job_id, folder, shown, {"state": BROKEN, "reason": problem, "message": message})
 
 
 def _set(job: Job, **changes: Any) -> Job:

@@ -13,18 +13,18 @@ anything is written.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-from filelock import FileLock
 
 from rd.errors import RDError
 from rd.files import atomic_write, data_home, file_sha256
@@ -169,6 +169,8 @@ def read_manifest(path: Path) -> list[ModelEntry]:
         models = payload["models"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path} is not a valid manifest: {error}") from None
+    except RecursionError:
+        raise ManifestError(f"{path} is not a valid manifest: nested too deeply") from None
     if not isinstance(models, list):
         raise ManifestError(f"{path} is not a valid manifest: 'models' is not a list")
     return [_entry(raw, path) for raw in models]
@@ -213,10 +215,17 @@ def get_model(model_id: str, manifests: list[Path] | None = None) -> ModelEntry 
     return next((e for e in all_models(manifests) if e.id == model_id), None)
 
 
-def _lock(manifest: Path) -> FileLock:
-    """One writer at a time per manifest (jobs, app sessions and the CLI may all register)."""
+@contextlib.contextmanager
+def _lock(manifest: Path) -> Iterator[None]:
+    """One writer at a time per manifest (jobs, app sessions and the CLI may all register):
+    an exclusive ``flock`` on ``<manifest>.lock``, released when the holder exits or dies."""
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(manifest.with_name(manifest.name + ".lock")), timeout=60)
+    with open(manifest.with_name(manifest.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write(manifest: Path, entries: list[ModelEntry]) -> None:

@@ -9,14 +9,15 @@ parses a command line or prints a table: callers do that with what is returned.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rd.checkpoints import read_metadata, update_metadata
-from rd.data import DataError, Sample
+from rd.checkpoints import load_checkpoint, read_metadata, update_metadata
+from rd.data import DataError, ImageDataset, Sample
 from rd.detector import Detector
 from rd.errors import RDError
 from rd.evaluation import EvaluationError, EvaluationReport, evaluate
@@ -50,6 +51,21 @@ class TrainOutcome:
     report: EvaluationReport | None = None
     report_path: Path | None = None
     not_evaluated: str | None = None  # why there is no report (no test set, one class only...)
+    skipped: list[str] = field(default_factory=list)  # test images that could not be read
+    resumed_at: str | None = None  # the stage a resumed run continued from (issue 13)
+
+    def notes(self) -> list[str]:
+        """Lines for people: a resumed stage, test images left out."""
+        lines = []
+        if self.resumed_at == "evaluation":
+            lines.append(f"training had finished ({self.result.epochs_trained} epochs): "
+                         "resumed at the evaluation")
+        elif self.resumed_at == "done":
+            lines.append("training and evaluation had finished: nothing left to do")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} test image(s) that cannot be read, "
+                         f"e.g. {self.skipped[0]}")
+        return lines
 
 
 def report_path(checkpoint: str | Path) -> Path:
@@ -89,21 +105,70 @@ def _train_and_evaluate(data: DataSet, config: TrainConfig, out: Path,
                         ) -> TrainOutcome:
     stored = {"category": getattr(data, "category", None), "data": repr(data),
               **(metadata or {})}
-    result = train(data.train_samples(), config, out, stored, resume=resume, progress=progress,
-                   on_epoch=on_epoch)
-    outcome = TrainOutcome(out, result)
+    # A resumed run continues from the stage that was interrupted: training, or (training
+    # done) evaluation, or (both done) nothing but returning the recorded report.
+    finished = _finished_training(out, config) if resume else None
+    result = finished or train(data.train_samples(), config, out, stored, resume=resume,
+                               progress=progress, on_epoch=on_epoch)
+    outcome = TrainOutcome(out, result, resumed_at="evaluation" if finished else None)
     if result.rank or not evaluate_after:
+        return outcome
+    recorded = _recorded_report(out) if finished else None
+    if recorded is not None:
+        outcome.report, outcome.report_path, outcome.resumed_at = recorded, report_path(out), "done"
         return outcome
     try:
         test = data.test_samples()
         detector = Detector(result.model, read_metadata(out), config.device)
-        report = EvaluationReport.from_dict(evaluate(detector, test, progress=progress))
+        report, outcome.skipped = _evaluate_readable(detector, test, progress)
     except (DataError, EvaluationError) as error:
         outcome.not_evaluated = str(error)
         return outcome
     record_evaluation(out, report)
     outcome.report, outcome.report_path = report, report_path(out)
     return outcome
+
+
+def _finished_training(out: Path, config: TrainConfig) -> TrainResult | None:
+    """The trained model when ``out`` holds the last epoch of this very recipe, else None."""
+    if not out.is_file():
+        return None
+    meta = read_metadata(out)
+    if meta.get("epochs_trained") != config.epochs or meta.get("recipe") != config.recipe():
+        return None
+    model, _ = load_checkpoint(out, config.teacher_weights)
+    losses = []
+    for line in log_path(out).read_text().splitlines() if log_path(out).is_file() else []:
+        try:
+            losses.append(float(json.loads(line)["loss"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return TrainResult(model, config.epochs, losses, rank=current_world().rank)
+
+
+def _recorded_report(out: Path) -> EvaluationReport | None:
+    """The report of an evaluation that finished (metrics stored and report written)."""
+    if not (report_path(out).is_file() and read_metadata(out).get("metrics")):
+        return None
+    try:
+        return EvaluationReport.read(report_path(out))
+    except EvaluationError:
+        return None
+
+
+def _evaluate_readable(detector: Detector, test: list[Sample], progress: bool
+                       ) -> tuple[EvaluationReport, list[str]]:
+    """Evaluate; test images (or masks) that cannot be read are left out and reported
+    (issue 13: one junk test image failed a run whose model was good)."""
+    try:
+        return EvaluationReport.from_dict(evaluate(detector, test, progress=progress)), []
+    except DataError:
+        usable, problems = ImageDataset(test, detector.preprocess).usable()
+        if not problems:
+            raise
+    report = evaluate(detector, usable, progress=progress)
+    report["skipped_images"] = problems
+    return EvaluationReport.from_dict(report), problems
 
 
 def record_evaluation(checkpoint: str | Path, report: EvaluationReport) -> Path:

@@ -296,22 +296,10 @@ def _compare(chosen: state.Selection) -> None:
     st.caption("Thresholds are in each backbone's own score units, so only the curves compare.")
 
 
-def main() -> None:
-    st.title("Evaluate")
-    chosen, detector, report = state.require_report()
-    state.current_threshold(chosen, detector, report)
+@st.fragment
+def _at_threshold(chosen: state.Selection, report: dict[str, Any]) -> None:
+    """Everything that depends on the threshold; moving it reruns this part alone."""
     labels, scores = _labels_scores(report)
-    st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
-               f"{report['n_images']} test images ({report['n_normal']} normal, "
-               f"{report['n_defective']} defective) · {report['seconds']['total']:.1f} s")
-
-    headline = st.columns(4)
-    headline[0].metric("Image AUROC", _pct(report["image_auroc"]))
-    headline[1].metric("Pixel AUROC", _pct(report["pixel_auroc"]))
-    headline[2].metric("AU-PRO (FPR ≤ 30%)", _pct(report["au_pro"]))
-    f1 = report["thresholds"]["f1"]
-    headline[3].metric("Best F1", f"{f1['f1']:.3f}", help=f"at threshold {f1['threshold']:.4f}")
-
     st.subheader("Threshold")
     plot, controls = st.columns([3, 2])
     with controls:
@@ -324,6 +312,24 @@ def main() -> None:
 
     st.subheader("ROC curves")
     _curves(report, threshold, counts)
+
+
+def main() -> None:
+    st.title("Evaluate")
+    chosen, detector, report = state.require_report()
+    state.current_threshold(chosen, detector, report)
+    st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
+               f"{report['n_images']} test images ({report['n_normal']} normal, "
+               f"{report['n_defective']} defective) · {report['seconds']['total']:.1f} s")
+
+    headline = st.columns(4)
+    headline[0].metric("Image AUROC", _pct(report["image_auroc"]))
+    headline[1].metric("Pixel AUROC", _pct(report["pixel_auroc"]))
+    headline[2].metric("AU-PRO (FPR ≤ 30%)", _pct(report["au_pro"]))
+    f1 = report["thresholds"]["f1"]
+    headline[3].metric("Best F1", f"{f1['f1']:.3f}", help=f"at threshold {f1['threshold']:.4f}")
+
+    _at_threshold(chosen, report)
 
     st.subheader("Per-class ROC curves")
     _across_categories(chosen)

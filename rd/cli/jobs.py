@@ -24,7 +24,8 @@ _NO_OUT = "\0"  # stands in for --out when parsing a job's options: a job writes
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """``jobs submit`` takes the train command's options (``commands`` must already hold it)."""
     parser = commands.add_parser(
-        "jobs", help="background training jobs: submit, list, show, cancel, resume, logs",
+        "jobs", help="background training jobs: submit, list, show, cancel, resume, repair, "
+        "delete, logs",
         description=jobs.__doc__.split("\n\n")[0])
     actions = parser.add_subparsers(dest="jobs_command", required=True)
 
@@ -41,6 +42,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             ("show", "a job's status, progress, metrics and last log lines", cmd_show),
             ("cancel", "stop a job (its resume state is kept)", cmd_cancel),
             ("resume", "continue a cancelled or interrupted job", cmd_resume),
+            ("repair", "give a broken job whose status is damaged a resumable status",
+             cmd_repair),
+            ("delete", "remove a job's folder (not while it runs)", cmd_delete),
             ("logs", "print a job's log", cmd_logs),
             ("run", "(internal) a job's own process, as the scheduler starts it", cmd_run),
             ("rank", "(internal) one torchrun process of a multi-process job", cmd_rank)):
@@ -126,7 +130,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = [("id", "state", "epoch", "loss", "dataset/category", "backbone", "procs")]
-    for job in jobs.schedule(args.root):
+    listed = jobs.schedule(args.root)
+    for job in listed:
         progress, metrics = job.progress(), job.metrics()
         rows.append((job.id, job.state, f"{progress.epoch}/{progress.epochs}",
                      f"{metrics[-1]['loss']:.4f}" if metrics else "-",
@@ -135,6 +140,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for job in listed:
+        if job.state == jobs.BROKEN:
+            print(f"{job.id}: {job.status['message']}")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    job = jobs.repair(args.job, args.root)
+    print(f"{job.id}\t{job.state}\t{job.status.get('message', '')}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    job = jobs.delete(args.job, args.root)
+    print(f"deleted {job.id} ({job.folder})")
     return 0
 
 

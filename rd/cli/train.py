@@ -107,6 +107,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained {result.epochs_trained} epochs in {result.seconds:.1f} s; "
           f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}; "
           f"checkpoint {args.out}")
+    for line in outcome.notes():
+        print(line)
     if outcome.not_evaluated:
         print(f"not evaluated: {outcome.not_evaluated}")
     if outcome.report is not None:

@@ -161,14 +161,20 @@ class ImageDataset(Dataset):
             "defect": sample.defect,
         }
 
-    def check(self, show: int = 5) -> None:
-        """Decode every image and mask once so a bad file stops a run at start, not mid-epoch."""
-        problems = []
+    def usable(self) -> tuple[list[Sample], list[str]]:
+        """The samples whose image and mask decode, and one message per sample that does not."""
+        good, problems = [], []
         for sample in self.samples:
             try:
                 self._read(sample)
+                good.append(sample)
             except DataError as exc:
                 problems.append(str(exc))
+        return good, problems
+
+    def check(self, show: int = 5) -> None:
+        """Decode every image and mask once so a bad file stops a run at start, not mid-epoch."""
+        _, problems = self.usable()
         if problems:
             more = f"; and {len(problems) - show} more" if len(problems) > show else ""
             raise DataError(

@@ -27,11 +27,11 @@ def _settled(at: AppTest) -> AppTest:
     pages never wait for them, tests do."""
     for _ in range(5):
         running = [t for t in threading.enumerate() if t.name.startswith("evaluate-")]
-        if not running:
-            break
         for thread in running:
             thread.join(120)
         at.run()
+        if not running:
+            break
     assert not at.exception, [e.value for e in at.exception]
     return at
 

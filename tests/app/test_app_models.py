@@ -17,6 +17,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from rd import results
 from rd.checkpoints import read_metadata
 from rd.data.synthetic import ensure_builtin_dataset
 from rd.manifest import PROJECT_MANIFEST, read_manifest, register, user_manifest
@@ -194,16 +195,16 @@ def _settled(at: AppTest) -> AppTest:
     """Wait for the page's background evaluations (the pages never wait; tests do), redraw."""
     for _ in range(5):
         running = [t for t in threading.enumerate() if t.name.startswith("evaluate-")]
-        if not running:
-            break
         for thread in running:
             thread.join(120)
         at.run()
+        if not running:
+            break
     assert not at.exception, [e.value for e in at.exception]
     return at
 
 
-def test_results_survive_a_restart_and_are_shared_by_tabs(home, studio_home):
+def test_results_survive_a_restart_and_are_shared_by_tabs(home, studio_home, monkeypatch):
     """Scores and reports are stored on disk: a restarted server computes nothing again."""
     shutil.copytree(studio_home.home / "models", home / "models")
     shutil.copy(studio_home.home / "app_settings.json", home / "app_settings.json")
@@ -213,6 +214,10 @@ def test_results_survive_a_restart_and_are_shared_by_tabs(home, studio_home):
 
     st.cache_data.clear()  # a restart: nothing is left in memory
     st.cache_resource.clear()
-    second = _app(studio_home.dataset, studio_home.category, "screens/review.py")
-    assert not [t for t in threading.enumerate() if t.name.startswith("evaluate-")]
+
+    def evaluate_into(*args, **kwargs):
+        raise AssertionError("evaluated again after a restart")
+
+    monkeypatch.setattr(results, "evaluate_into", evaluate_into)
+    second = _settled(_app(studio_home.dataset, studio_home.category, "screens/review.py"))
     assert sum(int(h.value.rsplit("· ", 1)[1]) for h in second.subheader) == 10

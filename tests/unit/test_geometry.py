@@ -101,6 +101,23 @@ def test_one_tile_is_the_paper_single_pass(model) -> None:
     assert tiled.score == float(single.scores[0])
 
 
+def test_multiscale_averages_tiles_and_the_whole_image(model) -> None:
+    square = picture(SIZE, SIZE, seed=3)  # one tile = the whole image: the single pass
+    single = model.predict(PRE(square).unsqueeze(0))
+    both = predict_native(model, square, PRE, Geometry("multiscale"))
+    assert torch.equal(both.layer_maps, single.layer_maps[0])
+    assert len(Geometry("multiscale").inputs(square, PRE).images) == 1  # trained once, too
+    wide = picture(SIZE, 2 * SIZE, seed=4)
+    geometry = Geometry("multiscale", overlap=0.0)
+    inputs = geometry.inputs(wide, PRE)
+    assert len(inputs.images) == 3  # two tiles and the letterboxed whole, to train on
+    tiled = predict_native(model, wide, PRE, Geometry("tile", overlap=0.0))
+    boxed = predict_native(model, wide, PRE, Geometry("letterbox"))
+    mixed = predict_native(model, wide, PRE, geometry)
+    assert torch.allclose(mixed.layer_maps, (tiled.layer_maps + boxed.layer_maps) / 2,
+                          atol=1e-6)
+
+
 def test_tiles_stitch_to_the_maps_of_each_tile(model) -> None:
     """Without overlap, the stitched per-layer maps of a 64x128 image are each tile's own."""
     image = picture(SIZE, 2 * SIZE, seed=4)

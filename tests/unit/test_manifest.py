@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,26 @@ def test_committed_builtin_models_are_listed_intact_and_load():
         assert detector.backbone == entry.backbone
         assert detector.metadata["category"] == entry.category
         assert detector.metadata["metrics"]["image_auroc"] == entry.report["image_auroc"]
+
+
+def _register_copies(manifest: str, checkpoint: str, count: int) -> None:
+    for _ in range(count):
+        register(Path(manifest), Path(checkpoint), "d", "c", "resnet18", copy=True)
+
+
+def test_concurrent_registrations_keep_every_model(tmp_path):
+    import multiprocessing
+
+    manifest = tmp_path / "models" / "manifest.json"
+    checkpoint = _checkpoint(tmp_path / "job")
+    context = multiprocessing.get_context("fork")  # only file work in the children
+    workers = [context.Process(target=_register_copies, args=(str(manifest), str(checkpoint), 3))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    entries = read_manifest(manifest)
+    assert len(entries) == 9 and len({e.file for e in entries}) == 9
+    assert all(e.verify() for e in entries)

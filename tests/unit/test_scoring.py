@@ -20,13 +20,18 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("scoring") / "tiny.safetensors"
     save_checkpoint(build_model("efficientnet_lite0"), path,
                     {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum",
                      "category": "tiny", "metrics": {"thresholds": {"f1": 0.0}}})
-    found = load(path, "cpu")
+    return path
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint):
+    found = load(checkpoint, "cpu")
     found.batch_size = 4
     return found
 
@@ -149,3 +154,31 @@ def test_save_maps_defective_only_keeps_relative_paths(detector, folder, tmp_pat
     shutil.rmtree(maps)
     with pytest.raises(ScoringError, match="--out DIR"):
         score(detector, inputs, None, save_maps="all", progress=False)
+
+
+def test_command_line_folder_to_csv_and_resume(checkpoint, folder, tmp_path, capsys):
+    from rd.cli import main
+
+    out = tmp_path / "rows.csv"
+    argv = ["predict", "--checkpoint", str(checkpoint), str(folder), "--csv", str(out),
+            "--device", "cpu", "--runtime", "torch", "--batch-size", "3", "--workers", "1"]
+    assert main(argv) == 0
+    _, err = capsys.readouterr()
+    assert "scored 13 images (1 unreadable, 12 defective)" in err and "runtime: torch" in err
+    rows = read_rows(out, "csv")
+    assert [r["path"] for r in rows] == collect_inputs([folder]).paths
+    assert main(argv) == 2  # never over an existing output without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    assert "scored 0 images" in capsys.readouterr().err and read_rows(out, "csv") == rows
+
+
+def test_command_line_fails_only_when_no_image_can_be_read(checkpoint, tmp_path, capsys):
+    from rd.cli import main
+
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(text), "--device", "cpu",
+                 "--runtime", "torch"]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{text}\terror\t") and err.startswith("error: no image could be")
