@@ -35,9 +35,9 @@ from benchmarks.common import (
     time_call,
     write_json,
 )
-from rd.detector import AMP_DTYPES, CPU_CHUNK, Detector
-from rd.export import INPUT_NAMES, OUTPUT_NAMES, export_onnx
-from rd.model import Prediction
+from rd.detector import AMP_DTYPES, Detector
+from rd.export import export_onnx
+from rd.runtime import OnnxDetector, open_session
 
 BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2")
 
@@ -52,28 +52,11 @@ def _photo(size: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-class OnnxRunner:
-    """Our exported graph (rd.export) under ONNX Runtime on the CPU, fed like the Detector."""
-
-    def __init__(self, detector: Detector, folder: Path) -> None:
-        import onnxruntime
-
-        self.detector = detector
-        self.batch_size = detector.batch_size
-        path = export_onnx(detector, folder / f"{detector.backbone}.onnx")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = onnxruntime.InferenceSession(str(path), options,
-                                                    providers=["CPUExecutionProvider"])
-
-    def predict_tensor(self, batch: torch.Tensor) -> Prediction:
-        parts = [self.session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: chunk.numpy()})
-                 for chunk in batch.split(CPU_CHUNK)]
-        return Prediction(*(torch.from_numpy(np.concatenate(outputs))
-                            for outputs in zip(*parts, strict=True)))
-
-    def predict(self, image: Image.Image) -> Prediction:
-        return self.predict_tensor(self.detector.to_batch(image))
+def onnx_detector(detector: Detector, folder: Path) -> OnnxDetector:
+    """Our exported graph (rd.export) under ONNX Runtime with the session settings of
+    rd.runtime: what ``rd predict``/``evaluate`` run by default on a CPU."""
+    path = export_onnx(detector, folder / f"{detector.backbone}.onnx")
+    return OnnxDetector(detector, open_session(path), path)
 
 
 def bench_backbone(backbone: str, device: torch.device, args: Any) -> dict[str, Any]:
@@ -86,12 +69,12 @@ def bench_backbone(backbone: str, device: torch.device, args: Any) -> dict[str, 
     variants = {"ours": {}}
     if any(options.values()):
         variants["ours+" + "+".join(k for k, v in options.items() if v)] = options
-    detectors: dict[str, Detector | OnnxRunner] = {
+    detectors: dict[str, Detector] = {
         name: Detector(copy.deepcopy(model), metadata, device, **opts)
         for name, opts in variants.items()}
     del model
     if args.onnxruntime and device.type == "cpu":
-        detectors["onnxruntime"] = OnnxRunner(detectors["ours"], args.scratch)
+        detectors["onnxruntime"] = onnx_detector(detectors["ours"], args.scratch)
     repeats = args.repeats
     rows: list[dict[str, Any]] = []
     generator = torch.Generator().manual_seed(0)

@@ -77,12 +77,13 @@ def cache_path(checkpoint: Path, key: str) -> Path:
     return data_home() / "onnx-cache" / name
 
 
-def _session(path: Path, threads: int):
+def open_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session with the settings every runtime user gets."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     # Spinning threads steal a shared CPU from everything else between calls (and each other).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -114,7 +115,7 @@ def cached_session(checkpoint: str | Path, detector: Detector, threads: int | No
     path = cache_path(checkpoint, key)
     if path.exists():
         try:
-            session = _session(path, threads)
+            session = open_session(path, threads)
             if session.get_modelmeta().custom_metadata_map.get(CACHE_KEY) == key:
                 return session, path
         except Exception:  # any load failure means: rebuild the cache
@@ -123,14 +124,14 @@ def cached_session(checkpoint: str | Path, detector: Detector, threads: int | No
     try:
         export_onnx(detector, scratch)
         _stamp(scratch, key)
-        session = _session(scratch, threads)
+        session = open_session(scratch, threads)
         worst = _max_difference(session, detector)
         if worst > TOLERANCE:
             raise RuntimeUnavailable(f"the ONNX export differs from torch by {worst:.1e}")
         os.replace(scratch, path)  # same folder: atomic
     finally:
         scratch.unlink(missing_ok=True)
-    return _session(path, threads), path
+    return open_session(path, threads), path
 
 
 def _stamp(path: Path, key: str) -> None:

@@ -221,3 +221,24 @@ def test_results_survive_a_restart_and_are_shared_by_tabs(home, studio_home, mon
     monkeypatch.setattr(results, "evaluate_into", evaluate_into)
     second = _settled(_app(studio_home.dataset, studio_home.category, "screens/review.py"))
     assert sum(int(h.value.rsplit("· ", 1)[1]) for h in second.subheader) == 10
+
+
+def test_own_models_are_renamed_and_deleted_after_confirmation(home, studio_home):
+    _quick_model(studio_home)
+    (entry,) = read_manifest(user_manifest())
+    at = _app(page="screens/train.py")
+    assert at.selectbox(key="models::pick").value == entry.id  # shipped ones are not offered
+    at.text_input(key="models::name").input("baseline")
+    (rename,) = [b for b in at.button if b.label == "Rename"]
+    rename.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert read_manifest(user_manifest())[0].name == "baseline"
+
+    at.button(key="models::delete").click().run()
+    at.button(key="models::keep").click().run()  # changed one's mind
+    assert read_manifest(user_manifest()) and entry.path.exists()
+    at.button(key="models::delete").click().run()
+    at.button(key="models::confirm").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert read_manifest(user_manifest()) == [] and not entry.path.exists()
+    assert PROJECT_MANIFEST.is_file()

@@ -563,14 +563,71 @@ def _archive_case(name: str, suffix: str, data: bytes) -> Case:
     return Case("archive", name, run)
 
 
+# ----------------------------------------------------------------------------- job folders
+
+
+def _job_cases(tiny_mvtec) -> list[Case]:
+    """A jobs folder holding one good queued job and one damaged folder."""
+    statuses = ["{}", "[]", "null", '"queued"', "{", '{"state": "queued"}',
+                '{"state": "running"}', '{"state": "running", "pid": "12"}',
+                '{"state": "running", "pid": 999999999, "process": "x"}',
+                '{"state": "exploded"}', '{"state": ["queued"]}', '{"state": "queued", '
+                '"queued_at": "soon"}', '{"state": "failed", "attempts": "many"}',
+                "[" * 50_000 + "]" * 50_000, '{"state": "queued", "queued_at": 1e999}']
+    specs = ["{}", "[]", "{", '{"submitted": "yesterday"}', '{"id": "x", "epochs": -1}',
+             "[" * 50_000 + "]" * 50_000]
+    damages: list[tuple[str, Callable[[Path], None]]] = []
+    for index, text in enumerate(statuses):
+        damages.append((f"status-{index}", lambda f, t=text: (f / "status.json").write_text(t)))
+    for index, text in enumerate(specs):
+        damages.append((f"spec-{index}", lambda f, t=text: (f / "spec.json").write_text(t)))
+    damages += [
+        ("status-binary", lambda f: (f / "status.json").write_bytes(RNG.randbytes(300))),
+        ("spec-missing", lambda f: (f / "spec.json").unlink()),
+        ("status-a-folder", lambda f: ((f / "status.json").unlink(),
+                                       (f / "status.json").mkdir())),
+        ("log-binary", lambda f: (f / "model.log.jsonl").write_bytes(RNG.randbytes(500))),
+        ("log-odd-records", lambda f: (f / "model.log.jsonl").write_text(
+            '[1]\n{"epoch": "x", "loss": "y", "seconds": 1}\n{"epoch": 1}\n')),
+        ("job-log-a-folder", lambda f: (f / "job.log").mkdir()),
+        ("job-log-a-fifo", lambda f: os.mkfifo(f / "job.log")),
+        ("empty-folder", lambda f: [p.unlink() for p in f.iterdir()]),
+    ]
+
+    def make(name: str, damage: Callable[[Path], None]) -> Case:
+        def run(folder: Path) -> str:
+            from rd import jobs
+            from rd.training import TrainConfig
+
+            root = folder / "jobs"
+            config = TrainConfig(image_size=64, batch_size=4, epochs=1, device="cpu")
+            good = jobs.submit(config, tiny_mvtec.root, tiny_mvtec.category, name="good",
+                               root=root)
+            bad = jobs.submit(config, tiny_mvtec.root, tiny_mvtec.category, name="bad",
+                              root=root)
+            damage(bad.folder)
+            listed = jobs.list_jobs(root)  # what the Train page reads
+            assert good.id in {job.id for job in listed}, "a damaged job hid another"
+            for job in listed:  # what the page shows of each
+                job.progress(), job.metrics(), job.log_tail(), job.command  # noqa: B018
+            line = _cli("jobs", "list", "--root", root)
+            shown = _cli("jobs", "show", bad.id, "--root", root)
+            assert good.id in [j.id for j in jobs.schedule(root)]
+            return f"{line} | {shown}"
+
+        return Case("job", name, run)
+
+    return [make(name, damage) for name, damage in damages]
+
+
 # --------------------------------------------------------------------------------- the test
 
 
 @pytest.fixture(scope="module")
-def all_cases(base) -> list[Case]:
+def all_cases(base, tiny_mvtec) -> list[Case]:
     cases = [_image_case(*case) for case in _image_bytes()]
     cases += _special_image_cases() + _mask_cases(base) + _checkpoint_cases(base)
-    cases += _manifest_cases(base) + _archive_cases()
+    cases += _manifest_cases(base) + _archive_cases() + _job_cases(tiny_mvtec)
     return cases
 
 
@@ -578,7 +635,8 @@ def test_at_least_two_hundred_cases(all_cases):
     assert len(all_cases) >= 200
 
 
-@pytest.mark.parametrize("kind", ["image", "mask", "checkpoint", "manifest", "archive"])
+@pytest.mark.parametrize("kind", ["image", "mask", "checkpoint", "manifest", "archive",
+                                  "job"])
 def test_malformed_inputs_end_in_one_line(all_cases, world, kind):
     cases = [case for case in all_cases if case.kind == kind]
     outcomes = _run_cases(cases, world)
