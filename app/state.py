@@ -147,12 +147,22 @@ def require_model() -> tuple[Selection, Detector]:
         train_call_to_action(chosen, key="require_model::train")
         st.stop()
     try:
-        path = chosen.entry.verify()
+        stat = chosen.entry.path.stat()
+        path = Path(_verified(str(chosen.entry.path), chosen.entry.sha256, stat.st_mtime_ns,
+                              stat.st_size, chosen.entry))
         detector = load_model(str(path), path.stat().st_mtime, chosen.device)
     except (RDError, OSError, ValueError) as error:
         st.error(f"The model cannot be used: {error}")
         st.stop()
     return chosen, detector
+
+
+@st.cache_data(show_spinner="Checking the model file…", max_entries=64)
+def _verified(path: str, sha256: str, mtime_ns: int, size: int, _entry: ModelEntry) -> str:
+    """``entry.verify()`` once per file version (hashing a large checkpoint at every rerun
+    would slow every click); a failure is not cached, so it is checked again."""
+    del path, sha256, mtime_ns, size  # cache key only
+    return str(_entry.verify())
 
 
 def require_report() -> tuple[Selection, Detector, dict[str, Any]]:
@@ -164,6 +174,10 @@ def require_report() -> tuple[Selection, Detector, dict[str, Any]]:
         return chosen, detector, found.report
     if found.error:
         st.error(f"Cannot evaluate {chosen.category}: {found.error}")
+        st.stop()
+    if found.complete:  # scored, but no report can be made of this test set
+        st.info(f"The {chosen.category} test set cannot be evaluated: that needs both normal "
+                "and defective images with known labels. Inspect shows each image's score.")
         st.stop()
     _wait_for_report(chosen.category)
     st.stop()

@@ -36,7 +36,6 @@ from benchmarks.baseline import (
     reference_predict,
     threshold_loop_au_pro,
 )
-from benchmarks.inference import onnx_detector
 from benchmarks.common import (
     apply_threads,
     base_parser,
@@ -45,6 +44,7 @@ from benchmarks.common import (
     print_table,
     write_json,
 )
+from benchmarks.inference import onnx_detector
 from rd import metrics
 from rd.backbones import WeightsError
 from rd.data import ImageDataset, MVTecCategory, generate_dataset

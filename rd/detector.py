@@ -85,7 +85,12 @@ class Detector:
         self.fusion = self.metadata.fusion
         self.geometry = Geometry.from_metadata(metadata)  # squash (the paper) unless trained so
         self.batch_size = batch_size
-        self._predict = torch.compile(self.model.predict) if compile else self.model.predict
+        self._predict = self.model.predict
+        if compile:  # static shapes (rd.scoring pads the last batch); CUDA graphs on a GPU
+            graphs = self.device.type == "cuda"
+            compiled = torch.compile(self.model.predict, dynamic=False,
+                                     mode="reduce-overhead" if graphs else None)
+            self._predict = _copying(compiled) if graphs else compiled
 
     @property
     def backbone(self) -> str:
@@ -173,6 +178,14 @@ def _finite(prediction: Prediction) -> Prediction:
         raise DetectionError("the model's anomaly maps hold NaN or infinite values: its weights "
                              "are broken (e.g. trained with a too large --lr); retrain it")
     return prediction
+
+
+def _copying(compiled: Any) -> Any:
+    """A CUDA graph's outputs are overwritten by its next replay: hand out copies."""
+    def predict(*args: Any) -> Prediction:
+        out = compiled(*args)
+        return Prediction(out.layer_maps.clone(), out.fused.clone(), out.scores.clone())
+    return predict
 
 
 def load(checkpoint: str | Path, device: str | torch.device | None = None,

@@ -163,6 +163,10 @@ class TrainConfig:
     tile_scale: float = 1.0
     teacher_adapt: str = "none"
     augment: str = "none"
+    # Speed only (issue 12; maps equal within float rounding): NHWC weights and inputs, and
+    # torch.compile of the student's step. Recorded in the recipe when set.
+    channels_last: bool = False
+    compile: bool = False
 
     def validate(self) -> None:
         """Refuse settings that cannot train (before any work), with the flag to change."""
@@ -220,6 +224,7 @@ class TrainConfig:
         # the options beyond the paper appear only when set, so the paper's recipe reads as before
         recipe.update({k: values[k] for k in BEYOND_PAPER_OPTIONS
                        if values[k] != getattr(TrainConfig, k)})
+        recipe.update({k: True for k in ("channels_last", "compile") if values[k]})
         return recipe
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,7 +246,7 @@ class TrainConfig:
         for name in ("backbone", "device", "cache_teacher"):
             if not isinstance(getattr(config, name), str):
                 raise TrainingError(f"{name} must be a string, got {getattr(config, name)!r}")
-        for name in ("amp", "normalize"):
+        for name in ("amp", "normalize", "channels_last", "compile"):
             if not isinstance(getattr(config, name), bool):
                 raise TrainingError(f"{name} must be true or false, got "
                                     f"{getattr(config, name)!r}")
@@ -484,7 +489,7 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
     model = build_model(config.backbone, pretrained=True, teacher_weights=config.teacher_weights)
     if config.init:
         _init_from(model, config)
-    model.to(device)
+    model.to(device, memory_format=_memory_format(config))
     beyond = {} if geometry.is_paper else {"geometry": geometry.to_dict()}
     if config.teacher_adapt != "none":  # before the student sees any teacher feature
         beyond["teacher_adapt"] = adapt_teacher(model.teacher, dataset, config.teacher_adapt,
@@ -510,6 +515,8 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         student = DistributedDataParallel(
             nn.Sequential(model.bottleneck, model.decoder),
             device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        student = torch.compile(student)
 
     cache = _teacher_cache(model, dataset, config, device)
     base_metadata = {
@@ -670,7 +677,8 @@ def _run_epoch(student: Callable[[list[torch.Tensor]], list[torch.Tensor]],
     if cache is None:
         loader = DataLoader(dataset, batch_sampler=[local for local, _ in todo],
                             num_workers=config.workers, pin_memory=device.type == "cuda")
-        batches = ((model.teacher, batch["image"].to(device, non_blocking=True),
+        batches = ((model.teacher, batch["image"].to(device, non_blocking=True,
+                                                      memory_format=_memory_format(config)),
                     batch["valid"].to(device) if "valid" in batch else None)
                    for batch in loader)
     else:
@@ -707,6 +715,10 @@ def _run_epoch(student: Callable[[list[torch.Tensor]], list[torch.Tensor]],
             run.stopped = True
             break
     return run
+
+
+def _memory_format(config: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
 def _agree(place: World, device: torch.device, *flags: bool) -> list[bool]:

@@ -116,16 +116,15 @@ def _context(detector, report: dict | None, scores: dict[str, float], score: flo
 
 
 def _colour_controls() -> dict[str, Any]:
-    controls = st.columns([2, 1, 1, 1])
-    mode = controls[0].radio("Colour scale", list(COLOUR_MODES), horizontal=True,
-                             key="colour_mode")
-    controls[0].caption(COLOUR_MODES[mode])
+    mode = st.radio("Colour scale", list(COLOUR_MODES), horizontal=True, key="colour_mode")
+    st.caption(COLOUR_MODES[mode])
+    controls = st.columns(3)
     return {
         "mode": mode,
-        "opacity": controls[1].slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="opacity"),
-        "contours": controls[2].toggle("Contours", value=True, key="contours",
+        "opacity": controls[0].slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="opacity"),
+        "contours": controls[1].toggle("Contours", value=True, key="contours",
                                        help="green: ground truth; magenta: map ≥ threshold"),
-        "model_size": controls[3].toggle("Model resolution", value=False,
+        "model_size": controls[2].toggle("Model resolution", value=False,
                                          key="inspect_model_size",
                                          help="Show and download the maps at the model's "
                                               "square input size instead of the image's own."),
@@ -156,10 +155,10 @@ def _show(chosen: state.Selection, detector, found: state.Evaluation | None, *, 
     """The detail block of one image: verdict, colour controls, pictures, downloads."""
     report = found.report if found else None
     threshold = state.current_threshold(chosen, detector, report)
-    top = st.columns([2, 1, 1, 2])
-    top[0].subheader(title)
-    show_verdict(top[1:3], detection.score, threshold, detection.verdict(threshold))
-    top[3].caption(f"Threshold {threshold:.4f} (set it on the Evaluate page); flagged "
+    st.subheader(title)
+    top = st.columns([1, 1, 2])
+    show_verdict(top[:2], detection.score, threshold, detection.verdict(threshold))
+    top[2].caption(f"Threshold {threshold:.4f} (set it on the Evaluate page); flagged "
                    "defective when score ≥ threshold. Score = maximum of the smoothed fused "
                    "map.")
     options = _colour_controls()
@@ -207,7 +206,7 @@ def _test_image_detail(chosen: state.Selection, detector, found: state.Evaluatio
     if path is None:
         st.info("Open an image from the grid.")
         return
-    navigation = st.columns([1, 1, 4])
+    navigation = st.columns([1, 1, 2])
     navigation[0].button("Previous", key="inspect_previous", icon=":material/arrow_back:",
                          on_click=_step, args=(-1,), shortcut="ArrowLeft", width="stretch",
                          help="Previous image of the grid (← key)")

@@ -30,6 +30,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC weights and inputs (speed; same results within rounding)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student's training step (slow first step)")
     p.add_argument("--cache-teacher", default="auto", choices=["auto", "on", "off"],
                    help="compute the frozen teacher's features once (exact; auto: if they fit)")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
@@ -72,6 +76,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, betas=tuple(args.betas), seed=args.seed,
         device=args.device, amp=args.amp, cache_teacher=args.cache_teacher,
+        channels_last=args.channels_last, compile=args.compile,
         checkpoint_every=args.checkpoint_every, workers=args.workers,
         teacher_weights=str(args.teacher_weights) if args.teacher_weights else None,
         init=str(args.init) if args.init else None, normalize=args.normalize,

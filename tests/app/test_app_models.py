@@ -123,6 +123,12 @@ def test_data_without_a_model_can_be_browsed_and_offers_training(home, studio_ho
     at = _app(source="parts", category="widget")
     warnings = " ".join(w.value for w in at.sidebar.warning)
     assert "No model has been trained on" in warnings and "another backbone" not in warnings
+    at.switch_page("screens/inspect.py").run()  # the images can be browsed all the same
+    assert not at.exception, [e.value for e in at.exception]
+    opens = [b for b in at.button if b.key and b.key.startswith("open::")]
+    assert len(opens) == 10  # make_fake_mvtec's test set
+    opens[-1].click().run()
+    assert not at.exception, [e.value for e in at.exception]
     at.switch_page("screens/evaluate.py").run()
     assert not at.exception, [e.value for e in at.exception]
     at.button(key="require_model::train").click().run()
@@ -242,3 +248,19 @@ def test_own_models_are_renamed_and_deleted_after_confirmation(home, studio_home
     assert not at.exception, [e.value for e in at.exception]
     assert read_manifest(user_manifest()) == [] and not entry.path.exists()
     assert PROJECT_MANIFEST.is_file()
+
+
+def test_a_test_set_of_normal_images_only_is_scored_not_evaluated(home, studio_home, tmp_path):
+    data = tmp_path / "goodonly"
+    shutil.copytree(studio_home.root, data)
+    for defect in ("scratch", "hole"):
+        shutil.rmtree(data / "widget" / "test" / defect)
+    shutil.rmtree(data / "widget" / "ground_truth")
+    (home / "app_settings.json").write_text(json.dumps({"mvtec_roots": {"goodonly": str(data)}}))
+    meta = read_metadata(studio_home.checkpoint)
+    register(user_manifest(), studio_home.checkpoint, "goodonly", "widget", meta["backbone"],
+             copy=True, metadata=meta)
+    at = _settled(_app("goodonly", "widget", "screens/evaluate.py"))
+    assert any("cannot be evaluated" in i.value for i in at.info), [i.value for i in at.info]
+    at = _settled(at.switch_page("screens/review.py").run())
+    assert sum(int(h.value.rsplit("· ", 1)[1]) for h in at.subheader) == 4  # all scored

@@ -176,7 +176,11 @@ def _tree(folder: Path) -> dict[str, bytes | None]:
 def world(tmp_path, monkeypatch):
     """A fresh data home, jobs folder and a sentinel folder no case may touch."""
     monkeypatch.setenv("RD_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv(__import__("rd.jobs", fromlist=["x"]).ROOT_ENV, str(tmp_path / "jobs"))
+    from rd import jobs
+
+    monkeypatch.setenv(jobs.ROOT_ENV, str(tmp_path / "jobs"))
+    for variable in jobs.SLOTS_ENV.values():  # queued jobs never start: nothing trains
+        monkeypatch.setenv(variable, "0")
     monkeypatch.setenv("RD_OFFLINE", "1")
     sentinel = tmp_path / "elsewhere"
     (sentinel / "keep").mkdir(parents=True)
@@ -609,7 +613,7 @@ def _job_cases(tiny_mvtec) -> list[Case]:
             listed = jobs.list_jobs(root)  # what the Train page reads
             assert good.id in {job.id for job in listed}, "a damaged job hid another"
             for job in listed:  # what the page shows of each
-                job.progress(), job.metrics(), job.log_tail(), job.command  # noqa: B018
+                job.progress(), job.metrics(), job.log_tail(), job.command
             line = _cli("jobs", "list", "--root", root)
             shown = _cli("jobs", "show", bad.id, "--root", root)
             assert good.id in [j.id for j in jobs.schedule(root)]

@@ -41,8 +41,8 @@ def setup(tmp_path_factory):
 def _predict(checkpoint, images, out, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "rd", "predict"]
     if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                   str(nproc), "--master-port", "0", "-m", "rd", "predict"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(nproc), "-m", "rd", "predict"]
     env = {**os.environ, "RD_RUNTIME": "torch", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*command, "--checkpoint", str(checkpoint), str(images), "--jsonl",
                            str(out), "--device", "cpu", "--batch-size", "2", "--workers", "0",

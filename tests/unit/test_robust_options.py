@@ -1,0 +1,45 @@
+"""The options beyond the paper on the command line: --preset fills them, explicit flags win,
+and the paper's recipe is what no flag gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from rd.cli import build_parser
+from rd.cli.train import train_config
+from rd.training import PRESETS, TrainConfig, TrainingError
+
+BASE = ["train", "--data", "x", "--category", "y", "--out", "o.safetensors", "--device", "cpu"]
+
+
+def config_of(*flags: str) -> TrainConfig:
+    return train_config(build_parser().parse_args([*BASE, *flags]))
+
+
+def test_no_flag_is_the_paper() -> None:
+    config = config_of()
+    assert (config.resize, config.teacher_adapt, config.augment) == ("squash", "none", "none")
+    assert config.recipe() == TrainConfig(device="cpu").recipe()
+
+
+def test_flags_reach_the_config_and_its_recipe() -> None:
+    config = config_of("--resize", "tile", "--tile-scale", "0.5", "--teacher-adapt", "bn",
+                       "--augment", "hflip,blur")
+    assert config.recipe()["resize"] == "tile" and config.recipe()["tile_scale"] == 0.5
+    assert config.recipe()["teacher_adapt"] == "bn"
+    assert config.recipe()["augment"] == "hflip,blur"
+
+
+def test_preset_fills_options_and_explicit_flags_win(monkeypatch) -> None:
+    monkeypatch.setitem(PRESETS, "robust", {"resize": "multiscale", "teacher_adapt": "bn"})
+    config = config_of("--preset", "robust")
+    assert (config.resize, config.teacher_adapt) == ("multiscale", "bn")
+    config = config_of("--preset", "robust", "--teacher-adapt", "none")
+    assert (config.resize, config.teacher_adapt) == ("multiscale", "none")
+
+
+def test_bad_values_are_refused() -> None:
+    with pytest.raises(TrainingError, match="--augment"):
+        config_of("--augment", "sharpen")
+    with pytest.raises(TrainingError, match="tile scale"):
+        config_of("--resize", "tile", "--tile-scale", "0")
