@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ from rd import results
 from rd.data import DataError, MVTecCategory, Sample, read_image_bytes
 from rd.data.sources import DataSource, available_sources
 from rd.detector import Detector, ImageDetection
-from rd.detector import load as load_detector
 from rd.errors import RDError
 from rd.files import atomic_write, data_home
 from rd.manifest import ModelEntry
+from rd.runtime import load_runtime
 
 MAX_UPLOAD_MB = 20
 SETTINGS_FILE = "app_settings.json"
@@ -203,7 +204,9 @@ def _wait_for_report(category: str) -> None:
 @st.cache_resource(show_spinner="Loading the model…", max_entries=8)
 def load_model(path: str, mtime: float, device: str) -> Detector:
     del mtime  # part of the cache key only: a rewritten checkpoint is reloaded
-    return load_detector(path, device)
+    # the default runtime: our ONNX export in ONNX Runtime on a CPU (rd.runtime), else torch
+    detector, _ = load_runtime(path, device)
+    return detector
 
 
 @st.cache_resource
@@ -239,42 +242,69 @@ def verdict(score: float, threshold: float) -> str:
     return ImageDetection(float(score), _NO_MAPS, _NO_MAPS).verdict(threshold)
 
 
-@st.cache_data(show_spinner=False, max_entries=512)
-def _maps(checkpoint: str, mtime: float, device: str, digest: str, _image: Any
-          ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Maps of one image, cached on the model and the image's content hash (``_image`` is not
-    hashed: the digest stands for it)."""
-    image = _image
-    if isinstance(image, tuple):  # (bytes, name): an upload
-        image = read_image_bytes(*image)
-    found = predict(load_model(checkpoint, mtime, device), [image])[0]
-    return found.layer_maps, found.fused, found.score
+MAPS_KEPT = 256  # detections kept in memory (about 1 MB each at 256 px)
+_Maps = tuple[np.ndarray, np.ndarray, float]  # layer maps, fused map, computed score
+
+
+@st.cache_resource
+def _maps_cache() -> tuple[OrderedDict[tuple[str, str, str], _Maps], threading.Lock]:
+    """Recently computed maps of every session, least recently used dropped first."""
+    return OrderedDict(), threading.Lock()
+
+
+def _image_key(image: Path | str | bytes | np.ndarray | Image.Image, name: str
+               ) -> tuple[str, Any]:
+    """An image's content hash, and what the detector reads it from."""
+    if isinstance(image, str | Path):
+        return results.image_digest(image), str(image)
+    if isinstance(image, bytes):  # decoded only if its maps must be computed
+        return results.bytes_digest(image), (image, name)
+    pixels = np.asarray(image)
+    return results.array_digest(pixels), pixels
+
+
+def detect_many(chosen: Selection, detector: Detector,
+                images: list[Path | str | bytes | np.ndarray | Image.Image],
+                name: str = "upload") -> list[ImageDetection]:
+    """Detections of several images under the selected model; those not in memory are computed
+    together, in one batch. Each score is the stored one (the number every page, download and
+    verdict uses); an image seen for the first time has its computed score stored. Raises
+    DataError for an unreadable image."""
+    cache, lock = _maps_cache()
+    model = chosen.entry.sha256
+    keyed = [_image_key(image, name) for image in images]
+    keys = [(model, chosen.device, digest) for digest, _ in keyed]
+    with lock:
+        found = {key: cache[key] for key in keys if key in cache}
+    missing = list(dict.fromkeys(key for key in keys if key not in found))
+    if missing:
+        sources = {key: source for key, (_, source) in zip(keys, keyed, strict=True)}
+        batch = [read_image_bytes(*sources[key]) if isinstance(sources[key], tuple)
+                 else sources[key] for key in missing]
+        detection = predict(detector, batch)
+        computed = {key: (detection[i].layer_maps, detection[i].fused, detection[i].score)
+                    for i, key in enumerate(missing)}
+        store().put_scores(model, {key[2]: value[2] for key, value in computed.items()},
+                           replace=False)
+        found.update(computed)
+        with lock:
+            cache.update(computed)
+            while len(cache) > MAPS_KEPT:
+                cache.popitem(last=False)
+    with lock:
+        for key in keys:
+            if key in cache:
+                cache.move_to_end(key)
+    stored = store().scores(model, [key[2] for key in keys])
+    return [ImageDetection(float(stored.get(key[2], found[key][2])), found[key][0],
+                           found[key][1]) for key in keys]
 
 
 def detect(chosen: Selection, detector: Detector, image: Path | str | bytes | np.ndarray |
            Image.Image, name: str = "upload") -> ImageDetection:
-    """The detection of one image under the selected model: a test image's path, an upload's
-    bytes (with its file ``name``), or pixels. Its score is the stored one (the number every
-    page, download and verdict uses); an image seen for the first time has its computed score
-    stored. Raises DataError for an unreadable image."""
-    del detector  # loaded by require_model; the cache below finds it by checkpoint
-    if isinstance(image, str | Path):
-        image = Path(image)
-        digest, source = results.image_digest(image), str(image)
-    elif isinstance(image, bytes):
-        digest, source = results.bytes_digest(image), (image, name)
-    else:
-        pixels = np.asarray(image)
-        digest, source = results.array_digest(pixels), pixels
-    checkpoint = chosen.checkpoint
-    layer_maps, fused, computed = _maps(str(checkpoint), checkpoint.stat().st_mtime,
-                                        chosen.device, digest, source)
-    model = chosen.entry.sha256
-    stored = store().scores(model, [digest]).get(digest)
-    if stored is None:  # the first time this image is seen: its score becomes the stored one
-        store().put_scores(model, {digest: computed}, replace=False)
-        stored = store().scores(model, [digest]).get(digest, computed)
-    return ImageDetection(float(stored), layer_maps, fused)
+    """The detection of one image (a test image's path, an upload's bytes with its file
+    ``name``, or pixels): ``detect_many`` of one."""
+    return detect_many(chosen, detector, [image], name)[0]
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -7,7 +7,9 @@ throughout: a higher score means "more anomalous", a sample is predicted defecti
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,8 +144,8 @@ class PixelScores:
                              f"{len(m)} images")
         regions, _ = ndimage.label(m, structure=_EIGHT_CONNECTED_PER_IMAGE)
         sizes = np.bincount(regions.ravel())
-        self._groups: dict[Any, _SortedPixels] = {}
-        for key in dict.fromkeys(keys.tolist()):  # first-seen order
+
+        def sort_group(key: Any) -> _SortedPixels:
             chosen = keys == key
             region_of = regions[chosen].ravel()
             scores = a[chosen].ravel()
@@ -151,9 +153,15 @@ class PixelScores:
             pos_scores = scores[~normal]
             order = np.argsort(pos_scores)
             pos_regions = region_of[~normal]
-            self._groups[key] = _SortedPixels(
+            return _SortedPixels(
                 np.sort(scores[normal]), pos_scores[order], 1.0 / sizes[pos_regions[order]],
                 int(np.unique(pos_regions).size))
+
+        # numpy's sorts release the GIL: the groups sort in parallel on several cores
+        names = list(dict.fromkeys(keys.tolist()))  # first-seen order
+        with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+            self._groups: dict[Any, _SortedPixels] = dict(zip(
+                names, pool.map(sort_group, names), strict=True))
         self._unions: dict[tuple, _SortedPixels] = {}
 
     def _select(self, groups: Sequence[Any] | None) -> _SortedPixels:
@@ -315,11 +323,10 @@ def legacy_pro(masks: ArrayLike, maps: ArrayLike, num_thresholds: int = 200) -> 
     if num_thresholds < 2:
         raise ValueError(f"num_thresholds must be >= 2; got {num_thresholds}")
     m, a = _masks_and_maps(masks, maps)
-    per_image = [
-        _legacy_image_pro(mask, amap, num_thresholds)
-        for mask, amap in zip(m, a, strict=True)
-        if mask.any()
-    ]
+    anomalous = [i for i in range(len(m)) if m[i].any()]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # sorts free the GIL
+        per_image = list(pool.map(
+            lambda i: _legacy_image_pro(m[i], a[i], num_thresholds), anomalous))
     if not per_image:
         raise ValueError("masks contain no anomalous image; legacy PRO is undefined")
     return float(np.mean(per_image))

@@ -447,7 +447,8 @@ def check_memory(config: TrainConfig, device: torch.device) -> None:
         return
     fits = _largest_fitting_size(config, available)
     advice = (f"use --image-size {fits} or less" if fits else "use a smaller --image-size") + (
-        f" or a smaller --batch-size than {config.batch_size}" if config.batch_size > 1 else "")
+        f", a smaller --batch-size than {config.batch_size}" if config.batch_size > 1 else "") + (
+        ", or --resize tile to keep the detail of large images at a smaller size")
     raise TrainingError(f"training at {config.image_size} px with batch {config.batch_size} "
                         f"needs at least {_gib(need)} of memory, {_gib(available)} are free: "
                         f"{advice}")
@@ -462,8 +463,8 @@ def _out_of_memory(config: TrainConfig, device: torch.device) -> TrainingError:
     smaller = max(1, config.batch_size // 2)
     return TrainingError(f"out of {where} at {config.image_size} px, batch size "
                          f"{config.batch_size} (a step needs at least "
-                         f"{_gib(step_memory_bytes(config))}): try --batch-size {smaller} or a "
-                         "smaller --image-size")
+                         f"{_gib(step_memory_bytes(config))}): try --batch-size {smaller}, a "
+                         "smaller --image-size, or --resize tile")
 
 
 def _stop_on_sigterm() -> Callable[[], None]:

@@ -12,6 +12,7 @@ import streamlit as st
 
 from app import state
 from app.views.curves import review_groups
+from app.views.detail import LAYER_NAMES, layer_context
 from app.views.images import (
     COLOUR_MODES,
     CONTOUR_PREDICTED,
@@ -25,8 +26,8 @@ from app.views.images import (
 from rd.data import DataError, read_image, read_mask
 
 GRID_COLUMNS = 6
+TILE_BATCH = 4  # detections computed together (rd.detector.CPU_CHUNK)
 TILE_LIMITS = (12, 24, 48, 0)  # 0: all
-LAYER_NAMES = ("layer 1 · stride 4", "layer 2 · stride 8", "layer 3 · stride 16")
 TITLES = {"FN": "Missed defects (false negatives)", "FP": "False alarms (false positives)",
           "TP": "Caught defects (true positives)", "TN": "Passed normal images (true negatives)"}
 VERDICTS = {"FN": "missed defect", "FP": "false alarm", "TP": "caught defect",
@@ -52,15 +53,22 @@ def _picture(path: str, mtime: float, mask_path: str | None, size: int
 
 def _maps(chosen: state.Selection, detector, items: list[dict[str, Any]]
           ) -> dict[str, state.ImageDetection]:
-    """Detections of the tiles on screen only, with a progress bar while uncached ones are
-    computed."""
+    """Detections of the tiles on screen only, computed in batches of a few (uncached ones
+    together), with a progress bar."""
     bar = st.progress(0.0, text="Computing heat maps…")
     maps = {}
-    for done, item in enumerate(items, 1):
+    for start in range(0, len(items), TILE_BATCH):
+        chunk = items[start: start + TILE_BATCH]
         try:
-            maps[item["path"]] = state.detect(chosen, detector, Path(item["path"]))
-        except (DataError, OSError) as error:
-            st.warning(f"{Path(item['path']).name}: {error}")
+            found = state.detect_many(chosen, detector, [Path(i["path"]) for i in chunk])
+            maps.update({i["path"]: f for i, f in zip(chunk, found, strict=True)})
+        except (DataError, OSError):  # one unreadable image: the others one by one
+            for item in chunk:
+                try:
+                    maps[item["path"]] = state.detect(chosen, detector, Path(item["path"]))
+                except (DataError, OSError) as error:
+                    st.warning(f"{Path(item['path']).name}: {error}")
+        done = min(len(items), start + TILE_BATCH)
         bar.progress(done / len(items), text=f"Computing heat maps… {done}/{len(items)}")
     bar.empty()
     return maps
@@ -100,11 +108,9 @@ def _layers(key: str, item: dict[str, Any], picture: tuple[np.ndarray, np.ndarra
     columns = st.columns(5)
     columns[0].image(_overlay(picture, found.fused, options, context), output_format="PNG",
                      caption="overlay", width="stretch")
-    layer_context = ScaleContext(context.category_max / 3,
-                                 None if context.normal_p99 is None else context.normal_p99 / 3,
-                                 context.threshold / 3)
+    per_layer = layer_context(context)
     for column, layer, name in zip(columns[1:4], found.layer_maps, LAYER_NAMES, strict=True):
-        column.image(heat_map(layer, options["mode"], layer_context), caption=name,
+        column.image(heat_map(layer, options["mode"], per_layer), caption=name,
                      output_format="PNG", width="stretch")
     fused = found.fused
     columns[4].image(heat_map(fused, options["mode"], context), caption="fused",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from rd.cli.common import (
@@ -47,7 +46,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     test = data.test_samples()
     detector, choice = load_runtime(args.checkpoint, args.device, args.runtime,
                                     args.teacher_weights, **inference_options(args))
-    print(describe(choice), file=sys.stderr)
+    print(describe(choice))  # stdout: stderr holds only an error, in one line
     detector.batch_size = args.batch_size
     report = evaluate(detector, test, legacy_pro=args.legacy_pro, progress=not args.quiet,
                       workers=args.workers, eval_size=args.eval_size)

@@ -12,7 +12,8 @@ SOURCE = "twoparts"
 @pytest.fixture
 def two_categories(studio, tmp_path, monkeypatch):
     """A data source with two categories whose defect types differ (widget: hole, scratch;
-    gadget: crack, hole), the studio's tiny model registered for both."""
+    gadget: crack, hole), the studio's tiny model registered for both, and a third category
+    (spare) without a model."""
     import json
     import shutil
 
@@ -23,6 +24,7 @@ def two_categories(studio, tmp_path, monkeypatch):
     root = tmp_path / "twoparts"
     make_fake_mvtec(root, "widget")
     make_fake_mvtec(root, "gadget", seed=1)
+    make_fake_mvtec(root, "spare", seed=2)
     for folder in ("test", "ground_truth"):
         (root / "gadget" / folder / "scratch").rename(root / "gadget" / folder / "crack")
     for category in ("widget", "gadget"):

@@ -137,3 +137,19 @@ def test_defect_filter_is_kept_per_category(two_categories):
     at.sidebar.selectbox(key="category").set_value("widget").run()
     assert next(m for m in at.multiselect if m.label == "Defect types").value == [
         "good", "hole", "scratch"]
+
+
+def test_images_of_a_category_without_a_model_can_be_browsed(two_categories):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["source"] = "twoparts"
+    at.session_state["category"] = "spare"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("train one" in i.value for i in at.info)
+    assert any(b.label == "Train a model for this data" for b in at.button)
+    opens = [b.key for b in at.button if b.key and b.key.startswith("open::")]
+    at.button(key=next(k for k in opens if "/hole/" in k)).click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    captions = [c for image in at.get("image") for c in image.captions]
+    assert "ground truth" in captions and any(c.startswith("input (64×64") for c in captions)
+    assert not at.metric  # no model: no score, no verdict

@@ -380,16 +380,23 @@ def test_shared_sort_report_equals_the_functions_before_it(seed, levels):
 
 
 def test_shared_sort_sorts_each_pixel_once(monkeypatch):
-    """The report's metrics sort the pixels once (per group), not once per metric."""
+    """The report's metrics sort the pixels once (per group), not once per metric; unions of
+    groups only merge sorted runs (stable sorts of concatenated runs)."""
     from rd import metrics
 
     masks, maps, groups = _grouped_case(0)
     calls = []
     real_sort, real_argsort = np.sort, np.argsort
-    monkeypatch.setattr(metrics.np, "sort", lambda a, *k, **kw: calls.append(a.size)
-                        or real_sort(a, *k, **kw))
-    monkeypatch.setattr(metrics.np, "argsort", lambda a, *k, **kw: calls.append(a.size)
-                        or real_argsort(a, *k, **kw))
+
+    def counted(real):
+        def sort(a, *args, **kwargs):
+            if kwargs.get("kind") != "stable":
+                calls.append(a.size)
+            return real(a, *args, **kwargs)
+        return sort
+
+    monkeypatch.setattr(metrics.np, "sort", counted(real_sort))
+    monkeypatch.setattr(metrics.np, "argsort", counted(real_argsort))
     pixels = metrics.PixelScores(masks, maps, groups)
     pixels.auroc(), pixels.au_pro(), pixels.roc_curve()
     for defect in ("crack", "hole", "scratch"):

@@ -204,3 +204,31 @@ def test_train_refuses_an_output_that_is_its_own_input(checkpoint, tiny_mvtec):
     code, _, err = _cli("train", "--data", tiny_mvtec.root, "--category", tiny_mvtec.category,
                         "--out", checkpoint, "--init", checkpoint, "--overwrite", *FAST)
     assert code == 2 and "is also an input" in err and _snapshot(checkpoint) == before
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--device", "banana"], "unknown device 'banana'"),
+    (["--device", "mps"], "device 'mps' is not supported"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--image-size", "5000000"], "--image-size must be at most 4096"),
+    (["--lr", "inf"], "--lr must be finite"),
+])
+def test_train_and_jobs_submit_refuse_bad_settings_in_one_line(tiny_mvtec, tmp_path,
+                                                               monkeypatch, options, message):
+    """Item 9 and 5 through the command line: one `error:` line, exit 2, nothing written."""
+    monkeypatch.setenv("RD_JOBS_ROOT", str(tmp_path / "jobs"))
+    data = ["--data", tiny_mvtec.root, "--category", tiny_mvtec.category]
+    for command in (["train", *data, "--out", tmp_path / "m.safetensors"],
+                    ["jobs", "submit", *data]):
+        code, _, err = _cli(*command, *options)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "jobs").exists()
+
+
+def test_corrupt_teacher_weights_through_the_command_line(tiny_mvtec, tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, _, err = _cli("train", "--data", tiny_mvtec.root, "--category", tiny_mvtec.category,
+                        "--out", tmp_path / "m.safetensors", "--teacher-weights", corrupt,
+                        *FAST)
+    assert code == 2 and "not a valid safetensors file" in err and err.count("\n") == 1
