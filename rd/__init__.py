@@ -9,7 +9,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from rd.backbones import DEFAULT_BACKBONE, list_backbones
-from rd.detector import Detection, Detector, load
+from rd.detector import Detection, Detector, ImageDetection, load
 from rd.model import ReverseDistillation, build_model
 from rd.version import __version__
 
@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "Detection",
     "Detector",
+    "ImageDetection",
     "ReverseDistillation",
     "__version__",
     "build_model",

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rd.data import Sample
+from rd.data import DataError, ImageDataset, Sample
 from rd.detector import Detector
 from rd.errors import RDError
 from rd.evaluation import evaluate
@@ -205,6 +205,16 @@ class _Streaming:
         self.last_scores = prediction.scores.cpu().numpy()
         return prediction
 
+    def predict_native(self, image):  # letterbox and tile checkpoints: one image at a time
+        with self._lock:
+            result = self._detector.predict_native(image)
+        self.last_scores = np.array([float(result.score)])
+        return result
+
+    def take_scores(self) -> np.ndarray:
+        scores, self.last_scores = self.last_scores, np.empty(0)
+        return scores
+
 
 def evaluate_into(store: ResultsStore, model: str, detector: Detector,
                   samples: Sequence[Sample], digests: Sequence[str], *,
@@ -212,33 +222,62 @@ def evaluate_into(store: ResultsStore, model: str, detector: Detector,
                   on_progress: Callable[[int, int], None] | None = None
                   ) -> dict[str, Any] | None:
     """Evaluate ``samples`` in small batches, storing each batch's scores as soon as it is
-    computed (pages show them while the rest runs), then the full report. A test set that cannot
-    be evaluated (one class only, unknown labels) still gets its scores; None is returned."""
+    computed (pages show them while the rest runs), then the full report. Unreadable test images
+    are left out and named in the report's ``skipped_images``. A test set that cannot be
+    evaluated (one class only, unknown labels) still gets its scores; None is returned."""
     lock = lock or threading.Lock()
     labels = {s.label for s in samples}
     if not samples:
         return None
     if -1 in labels or len(labels) < 2:
         for start in range(0, len(samples), batch_size):
-            chunk = samples[start: start + batch_size]
-            with lock:
-                scores = detector.predict([s.path for s in chunk]).scores
-            store.put_scores(model, dict(zip(digests[start: start + batch_size],
-                                             map(float, scores), strict=True)))
+            chunk = list(zip(samples[start: start + batch_size],
+                             digests[start: start + batch_size], strict=True))
+            try:
+                with lock:
+                    scores = detector.predict([s.path for s, _ in chunk]).scores
+                store.put_scores(model, {d: float(v) for (_, d), v in zip(chunk, scores,
+                                                                          strict=True)})
+            except DataError:  # an unreadable image: score the others one by one
+                for sample, digest in chunk:
+                    with contextlib.suppress(DataError), lock:
+                        one = detector.predict([sample.path]).scores[0]
+                        store.put_scores(model, {digest: float(one)})
             if on_progress:
                 on_progress(start + len(chunk), len(samples))
         return None
+    try:
+        report = _evaluate_streaming(store, model, detector, samples, digests, lock, batch_size,
+                                     on_progress)
+    except DataError:  # unreadable test images: left out, named in the report
+        usable, problems = ImageDataset(list(samples), detector.preprocess).usable()
+        if not problems or not usable:
+            raise
+        keep = {id(s) for s in usable}
+        kept = [d for s, d in zip(samples, digests, strict=True) if id(s) in keep]
+        report = _evaluate_streaming(store, model, detector, usable, kept, lock, batch_size,
+                                     on_progress)
+        report["skipped_images"] = problems
+    store.put_report(model, testset_key(samples, digests), report)
+    return report
+
+
+def _evaluate_streaming(store: ResultsStore, model: str, detector: Detector,
+                        samples: Sequence[Sample], digests: Sequence[str],
+                        lock: threading.Lock, batch_size: int,
+                        on_progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     streaming = _Streaming(detector, lock, batch_size)
 
     def keep(done: int, total: int) -> None:
-        batch = streaming.last_scores
-        store.put_scores(model, dict(zip(digests[done - len(batch): done], map(float, batch),
-                                         strict=True)))
+        batch = streaming.take_scores()
+        if 0 < len(batch) <= done:
+            store.put_scores(model, dict(zip(digests[done - len(batch): done],
+                                             map(float, batch), strict=True)))
         if on_progress:
             on_progress(done, total)
 
     report = evaluate(streaming, samples, on_progress=keep)  # type: ignore[arg-type]
     report["images"] = [{**image, "sha256": digest}
                         for image, digest in zip(report["images"], digests, strict=True)]
-    store.put_report(model, testset_key(samples, digests), report)
+    store.put_scores(model, {i["sha256"]: float(i["score"]) for i in report["images"]})
     return report

@@ -17,6 +17,8 @@ def two_categories(studio, tmp_path, monkeypatch):
     import json
     import shutil
 
+    import streamlit as st
+
     from rd.manifest import register
     from tests.conftest import make_fake_mvtec
 
@@ -35,6 +37,10 @@ def two_categories(studio, tmp_path, monkeypatch):
     settings["mvtec_roots"][SOURCE] = str(root)
     (home / "app_settings.json").write_text(json.dumps(settings))
     monkeypatch.setenv("RD_HOME", str(home))
+    # The app's process-wide caches (background evaluation runs among them) belong to the
+    # previous test's data home, where they are done; this home's results store is empty.
+    st.cache_resource.clear()
+    st.cache_data.clear()
     return root
 
 

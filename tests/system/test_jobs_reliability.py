@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_fake_mvtec
 
 from rd import jobs
 from rd.training import TrainConfig
+from tests.conftest import make_fake_mvtec
 
 SMALL = {"image_size": 64, "batch_size": 4, "epochs": 2, "device": "cpu"}
 

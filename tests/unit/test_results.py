@@ -135,3 +135,21 @@ def test_evaluate_into_streams_scores_then_stores_the_report(tmp_path, studio_ho
         json.dumps(report))
     direct = detector.predict([samples[0].path]).scores[0]
     assert abs(stored[digests[0]] - direct) < 1e-4
+
+
+def test_an_unreadable_test_image_is_left_out_and_named(tmp_path, studio_home):
+    import shutil
+
+    from rd.detector import load
+
+    root = shutil.copytree(studio_home.root, tmp_path / "data")
+    (root / "widget" / "test" / "good" / "zz-junk.png").write_bytes(b"not an image")
+    detector = load(studio_home.checkpoint, device="cpu")
+    samples = MVTecCategory(root, "widget").test_samples()
+    digests = [results.image_digest(s.path) for s in samples]
+    store = ResultsStore(tmp_path / "results")
+    report = results.evaluate_into(store, MODEL, detector, samples, digests)
+    assert len(report["images"]) == len(samples) - 1
+    assert "zz-junk.png" in report["skipped_images"][0]
+    assert len(store.scores(MODEL, digests)) == len(samples) - 1
+    assert store.report(MODEL, results.testset_key(samples, digests)) is not None
