@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import make_fake_mvtec
+from tests.conftest import make_fake_mvtec
 from PIL import Image
 
 from rd.cli import main

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FakeMVTec, make_fake_mvtec
+from tests.conftest import FakeMVTec, make_fake_mvtec
 from PIL import Image, ImageFile
 
 from rd.data import (
