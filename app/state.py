@@ -31,6 +31,7 @@ from rd import results
 from rd.data import DataError, MVTecCategory, Sample, read_image_bytes
 from rd.data.sources import DataSource, available_sources
 from rd.detector import Detector, ImageDetection
+from rd.detector import verdict as verdict  # the pages' one rule (score >= threshold)
 from rd.errors import RDError
 from rd.files import atomic_write, data_home
 from rd.manifest import ModelEntry
@@ -233,15 +234,6 @@ def _store(home: str) -> results.ResultsStore:
 # ------------------------------------------------------------------------------- detection
 
 
-_NO_MAPS = np.empty(0, np.float32)
-
-
-def verdict(score: float, threshold: float) -> str:
-    """``"defective"`` when ``score >= threshold``, else ``"normal"``: the rule of every page,
-    the CLI's included (``rd.detector.ImageDetection.verdict``)."""
-    return ImageDetection(float(score), _NO_MAPS, _NO_MAPS).verdict(threshold)
-
-
 MAPS_KEPT = 256  # detections kept in memory (about 1 MB each at 256 px)
 _Maps = tuple[np.ndarray, np.ndarray, float]  # layer maps, fused map, computed score
 
@@ -344,8 +336,10 @@ _EXITING = threading.Event()
 
 
 @st.cache_resource
-def _runs() -> tuple[dict[tuple[str, str, str], _Run], threading.Lock]:
-    runs: dict[tuple[str, str, str], _Run] = {}
+def _runs() -> tuple[dict[tuple[str, str, str, str], _Run], threading.Lock]:
+    """Background evaluations of this process by (data home, model, test set, device): each
+    data home has its own results store, so a run done for one is not done for another."""
+    runs: dict[tuple[str, str, str, str], _Run] = {}
 
     def stop() -> None:  # a thread killed inside torch at exit aborts the process
         _EXITING.set()
@@ -357,15 +351,16 @@ def _runs() -> tuple[dict[tuple[str, str, str], _Run], threading.Lock]:
     return runs, threading.Lock()
 
 
-def _start(key: tuple[str, str, str], detector: Detector, samples: list[Sample],
+def _start(model: str, testset: str, device: str, detector: Detector, samples: list[Sample],
            digests: list[str]) -> _Run:
     runs, lock = _runs()
+    key = (str(data_home()), model, testset, device)
     with lock:
         run = runs.get(key)
         if run is not None:  # running, done, or failed (not retried: the error is shown)
             return run
         run = runs[key] = _Run(total=len(samples))
-    shared, model = store(), key[0]
+    shared = store()
     inference = inference_lock()
 
     def work() -> None:
@@ -422,7 +417,7 @@ def evaluation(chosen: Selection, detector: Detector) -> Evaluation:
     stored = shared.scores(model, digests)
     run = None
     if report is None:
-        run = _start((model, testset, chosen.device), detector, samples, digests)
+        run = _start(model, testset, chosen.device, detector, samples, digests)
         if run.finished:
             report = shared.report(model, testset)
     scores = {str(s.path): stored[d] for s, d in zip(samples, digests, strict=True)

@@ -154,6 +154,7 @@ def inspect_steps(page: Any, repeats: int) -> dict[str, list[float]]:
     """Open image, next and previous, each ``repeats`` times."""
     times: dict[str, list[float]] = {"open image → maps settled": [], "next image": [],
                                      "previous image": []}
+    settle(page)  # the whole grid is drawn: its captions give the order next/previous follow
     titles = _titles(page)
     buttons = page.get_by_role("button", name="Open image", exact=True)
     for index in range(repeats):

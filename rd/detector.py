@@ -25,6 +25,20 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_CHUNK = 4
 
 
+def is_defective(score: float | np.ndarray, threshold: float) -> bool | np.ndarray:
+    """THE decision rule of every page, download and command: an image is defective when its
+    score reaches the threshold (``>=``, so an image scoring exactly the threshold is
+    defective). ``score`` may be an array of scores: then an array of decisions."""
+    if isinstance(score, np.ndarray):
+        return score >= float(threshold)
+    return bool(float(score) >= float(threshold))
+
+
+def verdict(score: float, threshold: float) -> str:
+    """``"defective"`` or ``"normal"``: the word for :func:`is_defective`'s decision."""
+    return "defective" if is_defective(score, threshold) else "normal"
+
+
 @dataclass(frozen=True)
 class ImageDetection:
     """One image's result: its score and maps (numpy, at the model's input resolution, or at
@@ -35,11 +49,10 @@ class ImageDetection:
     fused: np.ndarray  # (H, W): the fused, Gaussian-smoothed anomaly map
 
     def is_defective(self, threshold: float) -> bool:
-        """The decision rule: defective when the score reaches the threshold (``>=``)."""
-        return self.score >= float(threshold)
+        return bool(is_defective(self.score, threshold))
 
     def verdict(self, threshold: float) -> str:
-        return "defective" if self.is_defective(threshold) else "normal"
+        return verdict(self.score, threshold)
 
 
 @dataclass

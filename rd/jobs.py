@@ -550,16 +550,9 @@ def run_rank(job: Job) -> int:
             MVTecCategory(job.spec["data"], job.spec["category"]), config, job.checkpoint,
             metadata={"command": job.command}, resume=resume, overwrite=True,
             evaluate_after=job.spec["evaluate"], progress=True)
-        result = outcome.result
-        if result.rank:
+        if outcome.result.rank:
             return
-        loss = result.losses[-1] if result.losses else float("nan")
-        print(f"trained {result.epochs_trained} epochs in {result.seconds:.1f} s; final loss "
-              f"{loss:.4f}; checkpoint {job.checkpoint}")
-        for line in outcome.notes():
-            print(line)
-        if outcome.not_evaluated:
-            print(f"not evaluated: {outcome.not_evaluated}")
+        print("\n".join(outcome.summary()))
         if outcome.report is not None:
             print(format_summary(outcome.report))
             print(f"report {outcome.report_path}")

@@ -54,9 +54,12 @@ class TrainOutcome:
     skipped: list[str] = field(default_factory=list)  # test images that could not be read
     resumed_at: str | None = None  # the stage a resumed run continued from (issue 13)
 
-    def notes(self) -> list[str]:
-        """Lines for people: a resumed stage, test images left out."""
-        lines = []
+    def summary(self) -> list[str]:
+        """Lines for people (the command line and the job's log): what was trained, a resumed
+        stage, test images left out, why there is no report."""
+        loss = self.result.losses[-1] if self.result.losses else float("nan")
+        lines = [f"trained {self.result.epochs_trained} epochs in {self.result.seconds:.1f} s; "
+                 f"final loss {loss:.4f}; checkpoint {self.checkpoint}"]
         if self.resumed_at == "evaluation":
             lines.append(f"training had finished ({self.result.epochs_trained} epochs): "
                          "resumed at the evaluation")
@@ -65,6 +68,8 @@ class TrainOutcome:
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} test image(s) that cannot be read, "
                          f"e.g. {self.skipped[0]}")
+        if self.not_evaluated:
+            lines.append(f"not evaluated: {self.not_evaluated}")
         return lines
 
 

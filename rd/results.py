@@ -7,7 +7,7 @@ or renamed folder costs nothing. Scores live in one SQLite database (safe with s
 processes); reports are JSON files written atomically.
 
 Verdicts are not stored: one rule makes them from a stored score and the threshold in use
-(``rd.detector.ImageDetection.verdict``).
+(``rd.detector.is_defective``).
 """
 
 from __future__ import annotations

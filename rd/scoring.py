@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from rd.data import IMAGE_SUFFIXES, DataError, Preprocess, read_image
-from rd.detector import Detector
+from rd.detector import Detector, is_defective
 from rd.files import atomic_write
 from rd.outputs import check_outputs, mirrored_outputs
 from rd.visualize import colorize, overlay
@@ -377,7 +377,7 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
                 if not error:
                     value = float(scores[j])
                     verdict = "" if threshold is None else (
-                        "defective" if value >= threshold else "normal")
+                        "defective" if is_defective(value, threshold) else "normal")
                     row.update(score=value, verdict=verdict, width=int(batch["width"][j]),
                                height=int(batch["height"][j]),
                                seconds=round(float(batch["read_seconds"][j]) + share, 6))

@@ -80,10 +80,14 @@ def _filtered(chosen: state.Selection, samples: list[Sample], scores: dict[str, 
     return picked
 
 
-def _grid(samples: list[Sample], scores: dict[str, float], threshold: float | None) -> None:
+def _grid(chosen: state.Selection, samples: list[Sample], scores: dict[str, float],
+          threshold: float | None) -> None:
     """The thumbnails of one page of ``samples``, each with its Open button."""
     pages = max(1, -(-len(samples) // PAGE_SIZE))
-    page = st.number_input("Page", 1, pages, 1, key="inspect_page") if pages > 1 else 1
+    key = state.category_key(chosen, "inspect_page")
+    if st.session_state.get(key, 1) > pages:  # the filter left fewer pages
+        st.session_state[key] = pages
+    page = st.number_input("Page", 1, pages, 1, key=key) if pages > 1 else 1
     visible = samples[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
     with st.container(height=GRID_HEIGHT, border=False):
         for row in range(0, len(visible), GRID_COLUMNS):
@@ -238,7 +242,7 @@ def _browser(chosen: state.Selection, detector, found: state.Evaluation | None,
     with detail:
         _test_image_detail(chosen, detector, found)
     with grid:
-        _grid(samples, found.scores if found else {},
+        _grid(chosen, samples, found.scores if found else {},
               st.session_state.get(state.threshold_key(chosen)))
 
 

@@ -24,6 +24,7 @@ from app.views.images import (
     to_rgb_array,
 )
 from rd.data import DataError, read_image, read_mask
+from rd.detector import is_defective
 
 GRID_COLUMNS = 6
 TILE_BATCH = 4  # detections computed together (rd.detector.CPU_CHUNK)
@@ -80,7 +81,7 @@ def _overlay(picture: tuple[np.ndarray, np.ndarray | None], fused: np.ndarray,
     base, mask = picture
     image = blend(base, heat_map(fused, options["mode"], context), options["opacity"])
     if options["predicted"]:
-        image = draw_contour(image, fused >= context.threshold, CONTOUR_PREDICTED, 1)
+        image = draw_contour(image, is_defective(fused, context.threshold), CONTOUR_PREDICTED, 1)
     if mask is not None:
         image = draw_contour(image, mask, CONTOUR_TRUTH, 2)
     return image

@@ -210,11 +210,15 @@ def _loss_figure(records: list[dict]) -> go.Figure:
 
 
 def _table(all_jobs: list[jobs.Job]) -> pd.DataFrame:
+    """One row per job, newest first; a ``problem`` column when a job folder is broken."""
     rows = []
+    broken = any(job.state == jobs.BROKEN for job in all_jobs)
     for job in reversed(all_jobs):
         progress, records = job.progress(), job.metrics()
         rows.append({
-            "job": job.id, "state": job.state, "progress": progress.fraction,
+            "job": job.id, "state": job.state,
+            **({"problem": job.status.get("reason", "")} if broken else {}),
+            "progress": progress.fraction,
             "epoch": f"{progress.epoch}/{progress.epochs}",
             "loss": records[-1]["loss"] if records else None,
             "ETA": _duration(progress.eta_s),
@@ -252,14 +256,25 @@ def _details(job: jobs.Job) -> None:
     eta = f" · about {_duration(progress.eta_s)} left" if progress.eta_s is not None else ""
     st.progress(progress.fraction,
                 text=f"**{job.state}** · epoch {progress.epoch}/{progress.epochs}{eta}")
-    if job.status.get("message"):
+    if job.state == jobs.BROKEN:
+        st.warning(f"This job folder cannot be read: {job.status['reason']}. **Repair** gives "
+                   "it a fresh status so that it can be resumed (its spec must be intact); "
+                   "**Delete** removes its folder.")
+    elif job.status.get("message"):
         st.caption(job.status["message"])
     if ERROR in st.session_state:
         st.error(st.session_state.pop(ERROR))
-    left, right, link = st.columns(3)
+    left, right, link, remove = st.columns(4)
     if job.state in jobs.ACTIVE:
         left.button("Cancel", icon=":material/stop:", key=f"cancel::{job.id}",
                     on_click=_act, args=(jobs.cancel, job.id))
+    else:
+        _delete_with_confirmation(
+            remove, f"job **{job.id}**: its folder, log and checkpoint (a model it registered "
+            "stays)", f"job::{job.id}", lambda: jobs.delete(job.id))
+    if job.state == jobs.BROKEN:
+        left.button("Repair", icon=":material/build:", key=f"repair::{job.id}",
+                    on_click=_act, args=(jobs.repair, job.id))
     if job.state in jobs.RESUMABLE:
         right.button("Resume", icon=":material/replay:", key=f"resume::{job.id}",
                      on_click=_act, args=(jobs.resume, job.id))
@@ -298,8 +313,34 @@ def _act(action: Callable[[str], jobs.Job], job_id: str) -> None:
     """Button callback (it runs before the redraw, which then shows the new state)."""
     try:
         action(job_id)
-    except jobs.JobError as error:
+    except (RDError, OSError) as error:
         st.session_state[ERROR] = str(error)
+
+
+def _delete_with_confirmation(column, what: str, key: str, delete: Callable[[], object]
+                              ) -> None:
+    """A "Delete…" button, then "Delete for good" or "Keep it": nothing is removed on one
+    click. ``delete`` runs in the confirming click's callback; its error is shown here."""
+    if f"{key}::error" in st.session_state:
+        column.error(st.session_state.pop(f"{key}::error"))
+    if st.session_state.get(DELETING) != key:
+        column.button("Delete…", key=f"{key}::delete", icon=":material/delete:",
+                      on_click=st.session_state.update, args=({DELETING: key},))
+        return
+
+    def confirmed() -> None:
+        st.session_state.pop(DELETING, None)
+        try:
+            delete()
+        except (RDError, OSError) as error:
+            st.session_state[f"{key}::error"] = str(error)
+
+    column.warning(f"Delete {what}? This cannot be undone.")
+    confirm, keep = column.columns(2)
+    keep.button("Keep it", key=f"{key}::keep", on_click=st.session_state.pop,
+                args=(DELETING, None))
+    confirm.button("Delete for good", key=f"{key}::confirm", type="primary",
+                   on_click=confirmed)
 
 
 def _models_panel() -> None:
@@ -332,23 +373,8 @@ def _models_panel() -> None:
                 st.error(str(error))
             else:
                 st.rerun()
-    if st.session_state.get(DELETING) != entry.id:
-        right.button("Delete…", key="models::delete", icon=":material/delete:",
-                     on_click=lambda: st.session_state.update({DELETING: entry.id}))
-        return
-    right.warning(f"Delete **{entry.label}** and its file? This cannot be undone.")
-    confirm, cancel = right.columns(2)
-    if cancel.button("Keep it", key="models::keep"):
-        st.session_state.pop(DELETING, None)
-        st.rerun()
-    if confirm.button("Delete for good", key="models::confirm", type="primary"):
-        st.session_state.pop(DELETING, None)
-        try:
-            delete_model(entry.id)
-        except ManifestError as error:
-            st.error(str(error))
-        else:
-            st.rerun()
+    _delete_with_confirmation(right, f"**{entry.label}** and its file", f"model::{entry.id}",
+                              lambda: delete_model(entry.id))
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 ROC curves with their operating point, score histograms and the review galleries.
 
 Pure functions (no Streamlit) so they are tested directly. Everywhere, ``score >= threshold``
-means "flagged defective", the same rule as the metrics in ``rd.metrics``.
+means "flagged defective" (``rd.detector.is_defective``, the one rule).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from numpy.typing import ArrayLike
+
+from rd.detector import is_defective
 
 PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692",
            "#b6e880", "#ff97ff", "#fecb52")
@@ -36,7 +38,7 @@ def confusion_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict
     s = np.asarray(scores, dtype=np.float64).ravel()
     if y.shape != s.shape:
         raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
-    flagged = s >= threshold
+    flagged = is_defective(s, threshold)
     tp = int((flagged & y).sum())
     fp = int((flagged & ~y).sum())
     fn = int((~flagged & y).sum())
@@ -166,7 +168,7 @@ def review_groups(images: Sequence[Mapping[str, Any]], threshold: float
     """
     groups: dict[str, list[dict[str, Any]]] = {name: [] for name in GROUPS}
     for image in images:
-        flagged = image["score"] >= threshold
+        flagged = is_defective(image["score"], threshold)
         defective = bool(image["label"])
         distance = image["score"] - threshold
         margin = distance if defective else -distance

@@ -25,6 +25,7 @@ from app.views.images import (
     heat_map,
     resize_map,
 )
+from rd.detector import is_defective
 
 LAYER_NAMES = ("layer 1 · stride 4", "layer 2 · stride 8", "layer 3 · stride 16")
 DISPLAY_MAX = 512  # longest side of the shown pictures: the page shows them at most ~450 px wide
@@ -100,8 +101,8 @@ def detail_pictures(image: Image.Image, layer_maps: np.ndarray, fused: np.ndarra
     if contours:
         if mask is not None:
             overlay = draw_contour(overlay, mask, CONTOUR_TRUTH, CONTOUR_WIDTH)
-        overlay = draw_contour(overlay, fused_shown >= context.threshold, CONTOUR_PREDICTED,
-                               CONTOUR_WIDTH)
+        overlay = draw_contour(overlay, is_defective(fused_shown, context.threshold),
+                               CONTOUR_PREDICTED, CONTOUR_WIDTH)
     per_layer = layer_context(context)
     layers = tuple(heat_map(to_size(layer, size), mode, per_layer) for layer in layer_maps)
     vmin, vmax = colour_range(mode, fused_shown, context)

@@ -106,16 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         data, config, args.out, resume=args.resume, overwrite=args.overwrite,
         evaluate_after=not args.no_evaluate, progress=not args.quiet,
         metadata={"command": shlex.join(["python", "-m", "rd", *args.argv])})
-    result = outcome.result
-    if result.rank:
+    if outcome.result.rank:
         return 0  # under torchrun, rank 0 alone reports and evaluates
-    print(f"trained {result.epochs_trained} epochs in {result.seconds:.1f} s; "
-          f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}; "
-          f"checkpoint {args.out}")
-    for line in outcome.notes():
-        print(line)
-    if outcome.not_evaluated:
-        print(f"not evaluated: {outcome.not_evaluated}")
+    print("\n".join(outcome.summary()))
     if outcome.report is not None:
         print_table(outcome.report)
         print(f"report {outcome.report_path}")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
+from tests.app.apptest import open_page, settled
+
 SOURCE = "fakeparts"  # tests/conftest.py studio_home: source name = manifest dataset
 BARE = "fakeparts_nomasks"  # the same images without ground_truth/
 CATEGORY = "widget"
@@ -22,27 +21,8 @@ def app_home(studio):
     return studio.home
 
 
-def _settled(at: AppTest) -> AppTest:
-    """Wait for the background evaluations the page started (app/state.py), then redraw: the
-    pages never wait for them, tests do."""
-    for _ in range(5):
-        running = [t for t in threading.enumerate() if t.name.startswith("evaluate-")]
-        for thread in running:
-            thread.join(120)
-        at.run()
-        if not running:
-            break
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def _open(page: str, source: str = SOURCE) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.session_state["source"] = source
-    at.run()
-    at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return _settled(at)
+    return settled(open_page(source, page))
 
 
 def _metrics(at: AppTest) -> dict[str, str]:
@@ -86,7 +66,7 @@ def test_review_galleries_follow_the_shared_threshold(app_home):
     slider.set_value((slider.min + slider.max) / 3).run()
     counts = _metrics(at)
 
-    _settled(at.switch_page("screens/review.py").run())
+    settled(at.switch_page("screens/review.py").run())
     headers = [header.value for header in at.subheader]
     assert [h.split(" (")[0] for h in headers] == [
         "Missed defects", "False alarms", "Caught defects", "Passed normal images"]
@@ -108,7 +88,7 @@ def test_pages_without_masks_show_no_pixel_metrics(app_home):
     assert any("Pixel AUROC and AU-PRO: —" in info.value for info in at.info)
     assert set(at.dataframe[0].value["pixel AUROC"]) == {"—"}
 
-    _settled(at.switch_page("screens/review.py").run())
+    settled(at.switch_page("screens/review.py").run())
     assert sum(int(h.value.rsplit("· ", 1)[1]) for h in at.subheader) == N_NORMAL + N_DEFECTIVE
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ from rd import results
 from rd.checkpoints import read_metadata
 from rd.data.synthetic import ensure_builtin_dataset
 from rd.manifest import PROJECT_MANIFEST, read_manifest, register, user_manifest
+from tests.app.apptest import open_page, settled
 
-APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
 SHIPPED_FABRIC = "shipped:builtin/fabric-efficientnet_lite0"
 
 
@@ -51,14 +50,7 @@ def _quick_model(studio_home, category: str = "fabric") -> None:
 
 def _app(source: str = "builtin", category: str = "fabric", page: str | None = None
          ) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.session_state["source"] = source
-    at.session_state["category"] = category
-    at.run()
-    if page:
-        at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_page(source, page, category)
 
 
 def _picker(at: AppTest, category: str = "fabric", backbone: str = "efficientnet_lite0"):
@@ -197,24 +189,27 @@ def test_inspect_the_model_after_a_job_moves_the_sidebar(home, studio_home, jobs
     assert at.sidebar.selectbox(key="category").value == "wood"
 
 
-def _settled(at: AppTest) -> AppTest:
-    """Wait for the page's background evaluations (the pages never wait; tests do), redraw."""
-    for _ in range(5):
-        running = [t for t in threading.enumerate() if t.name.startswith("evaluate-")]
-        for thread in running:
-            thread.join(120)
-        at.run()
-        if not running:
-            break
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+def test_each_data_home_evaluates_into_its_own_store(studio_home, tmp_path, monkeypatch):
+    """A background evaluation done for one data home (its own results store) is not done for
+    another in the same process: the second home's Review fills in too (it stayed empty when
+    the app's runs were keyed by model and test set only)."""
+    counts = []
+    for name in ("first", "second"):
+        home = tmp_path / name
+        shutil.copytree(studio_home.home / "models", home / "models")
+        shutil.copy(studio_home.home / "app_settings.json", home / "app_settings.json")
+        monkeypatch.setenv("RD_HOME", str(home))
+        at = settled(_app(studio_home.dataset, studio_home.category, "screens/review.py"))
+        counts.append(sum(int(h.value.rsplit("· ", 1)[1]) for h in at.subheader))
+        assert list((home / "results").glob("*/*.report.json"))
+    assert counts == [10, 10]
 
 
 def test_results_survive_a_restart_and_are_shared_by_tabs(home, studio_home, monkeypatch):
     """Scores and reports are stored on disk: a restarted server computes nothing again."""
     shutil.copytree(studio_home.home / "models", home / "models")
     shutil.copy(studio_home.home / "app_settings.json", home / "app_settings.json")
-    at = _settled(_app(studio_home.dataset, studio_home.category, "screens/review.py"))
+    at = settled(_app(studio_home.dataset, studio_home.category, "screens/review.py"))
     assert sum(int(h.value.rsplit("· ", 1)[1]) for h in at.subheader) == 10
     assert list((home / "results").glob("*/*.report.json"))
 
@@ -225,7 +220,7 @@ def test_results_survive_a_restart_and_are_shared_by_tabs(home, studio_home, mon
         raise AssertionError("evaluated again after a restart")
 
     monkeypatch.setattr(results, "evaluate_into", evaluate_into)
-    second = _settled(_app(studio_home.dataset, studio_home.category, "screens/review.py"))
+    second = settled(_app(studio_home.dataset, studio_home.category, "screens/review.py"))
     assert sum(int(h.value.rsplit("· ", 1)[1]) for h in second.subheader) == 10
 
 
@@ -240,11 +235,11 @@ def test_own_models_are_renamed_and_deleted_after_confirmation(home, studio_home
     assert not at.exception, [e.value for e in at.exception]
     assert read_manifest(user_manifest())[0].name == "baseline"
 
-    at.button(key="models::delete").click().run()
-    at.button(key="models::keep").click().run()  # changed one's mind
+    at.button(key=f"model::{entry.id}::delete").click().run()
+    at.button(key=f"model::{entry.id}::keep").click().run()  # changed one's mind
     assert read_manifest(user_manifest()) and entry.path.exists()
-    at.button(key="models::delete").click().run()
-    at.button(key="models::confirm").click().run()
+    at.button(key=f"model::{entry.id}::delete").click().run()
+    at.button(key=f"model::{entry.id}::confirm").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert read_manifest(user_manifest()) == [] and not entry.path.exists()
     assert PROJECT_MANIFEST.is_file()
@@ -260,7 +255,7 @@ def test_a_test_set_of_normal_images_only_is_scored_not_evaluated(home, studio_h
     meta = read_metadata(studio_home.checkpoint)
     register(user_manifest(), studio_home.checkpoint, "goodonly", "widget", meta["backbone"],
              copy=True, metadata=meta)
-    at = _settled(_app("goodonly", "widget", "screens/evaluate.py"))
+    at = settled(_app("goodonly", "widget", "screens/evaluate.py"))
     assert any("cannot be evaluated" in i.value for i in at.info), [i.value for i in at.info]
-    at = _settled(at.switch_page("screens/review.py").run())
+    at = settled(at.switch_page("screens/review.py").run())
     assert sum(int(h.value.rsplit("· ", 1)[1]) for h in at.subheader) == 4  # all scored

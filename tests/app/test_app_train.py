@@ -9,8 +9,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from rd import jobs
-
-APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
+from rd.training import TrainConfig
+from tests.app.apptest import open_page
 
 
 @pytest.fixture
@@ -25,11 +25,7 @@ def _table(at: AppTest):
 
 
 def test_submit_list_and_cancel(studio, jobs_root):
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.session_state["source"] = studio.dataset
-    at.run()
-    at.switch_page("screens/train.py").run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = _train_page(studio)
     assert at.selectbox(key="train::category").value == studio.category  # the sidebar's
     assert at.selectbox(key="train::backbone").value == "efficientnet_lite0"
     at.number_input(key="train::epochs").set_value(500)
@@ -57,3 +53,63 @@ def test_submit_list_and_cancel(studio, jobs_root):
     at.run()
     assert list(_table(at)["state"]) == ["cancelled"]
     assert at.button(key=f"resume::{job.id}")  # offered for a cancelled job
+
+
+def _buttons(at: AppTest) -> set[str]:
+    return {button.key for button in at.button}
+
+
+def _broken_job(studio, root: Path) -> jobs.Job:
+    """A queued job (no slot: it never starts) whose status.json is then emptied (issue 13)."""
+    job = jobs.submit(TrainConfig(epochs=1, image_size=64, batch_size=4, device="cpu"),
+                      studio.root, studio.category, dataset=studio.dataset)
+    assert job.state == "queued"
+    (root / job.id / "status.json").write_text("{}\n")
+    return jobs.get(job.id)
+
+
+def _train_page(studio) -> AppTest:
+    return open_page(studio.dataset, "screens/train.py")
+
+
+def test_a_broken_job_is_listed_and_repaired(studio, jobs_root, monkeypatch):
+    """Issue 13 case 2: a status.json of ``{}`` is listed as broken with its reason, never
+    crashes the page; Repair makes it resumable."""
+    monkeypatch.setenv(jobs.SLOTS_ENV["cpu"], "0")
+    broken = _broken_job(studio, jobs_root)
+    assert broken.state == jobs.BROKEN
+    at = _train_page(studio)
+    table = _table(at)
+    assert list(table["job"]) == [broken.id] and list(table["state"]) == [jobs.BROKEN]
+    assert "status.json has no valid 'state'" in table["problem"][0]
+    assert any("cannot be read" in w.value for w in at.warning)
+    assert f"resume::{broken.id}" not in _buttons(at)  # not resumable while broken
+
+    at.button(key=f"repair::{broken.id}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert jobs.get(broken.id).state == "interrupted"
+    assert list(_table(at)["state"]) == ["interrupted"]
+    assert f"resume::{broken.id}" in _buttons(at)  # resumable now
+
+
+def test_a_broken_job_is_deleted_after_confirmation(studio, jobs_root, monkeypatch):
+    monkeypatch.setenv(jobs.SLOTS_ENV["cpu"], "0")
+    kept = jobs.submit(TrainConfig(epochs=1, image_size=64, batch_size=4, device="cpu"),
+                       studio.root, studio.category, dataset=studio.dataset, name="kept")
+    broken = _broken_job(studio, jobs_root)
+    at = _train_page(studio)
+    assert dict(zip(_table(at)["job"], _table(at)["state"], strict=True)) == {
+        kept.id: "queued", broken.id: jobs.BROKEN}  # one broken folder hides no other job
+    at.selectbox(key="train::job").set_value(broken.id).run()
+    at.button(key=f"job::{broken.id}::delete").click().run()
+    at.button(key=f"job::{broken.id}::keep").click().run()  # changed one's mind
+    assert (jobs_root / broken.id).is_dir()
+    at.button(key=f"job::{broken.id}::delete").click().run()
+    assert (jobs_root / broken.id).is_dir()  # asking is not deleting
+    assert any("cannot be undone" in w.value for w in at.warning)
+    at.button(key=f"job::{broken.id}::confirm").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not (jobs_root / broken.id).exists()
+    assert [job.id for job in jobs.list_jobs()] == [kept.id]
+    assert list(_table(at)["job"]) == [kept.id]

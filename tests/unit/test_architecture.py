@@ -145,3 +145,44 @@ def test_every_error_of_the_package_is_an_rd_error():
                    and value.__module__ == name and value.__name__.endswith("Error")]
     assert len(errors) >= 10
     assert [e.__qualname__ for e in errors if not issubclass(e, RDError)] == []
+
+
+def _threshold_comparisons(path: Path) -> list[str]:
+    """Comparisons of something with ``threshold`` (a name or an attribute so called) in ``path``,
+    other than comparing curve points (``thresholds``) with it."""
+
+    def names(node: ast.AST) -> set[str]:
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+            n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare) and any(
+                isinstance(op, ast.Gt | ast.GtE | ast.Lt | ast.LtE) for op in node.ops):
+            operands = [names(operand) for operand in [node.left, *node.comparators]]
+            if any("threshold" in found_names for found_names in operands) and not any(
+                    "thresholds" in found_names for found_names in operands):
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_verdict_rule_is_written_once():
+    """Issue 10, one verdict: ``score >= threshold`` is written in ``rd.detector.is_defective``
+    only; the pages, views, results, scoring (CLI predict) and benchmarks call it. (The
+    baseline benchmark re-implements the reference's PRO sweep, not a verdict.)"""
+    root = PACKAGE.parent
+    files = [path for folder in ("rd", "app", "benchmarks")
+             for path in sorted((root / folder).rglob("*.py"))
+             if path not in (PACKAGE / "detector.py", root / "benchmarks" / "baseline.py")]
+    assert [hit for path in files for hit in _threshold_comparisons(path)] == []
+    assert _threshold_comparisons(PACKAGE / "detector.py")  # the rule itself is seen
+
+
+def test_the_verdict_rule_reader_finds_a_repeat(tmp_path):
+    repeat = tmp_path / "repeat.py"
+    repeat.write_text("def f(value, threshold, thresholds, context):\n"
+                      "    a = value >= threshold\n"
+                      "    b = thresholds >= threshold\n"
+                      "    return a, b, context.fused < context.threshold\n")
+    assert _threshold_comparisons(repeat) == ["repeat.py:2: value >= threshold",
+                                              "repeat.py:4: context.fused < context.threshold"]

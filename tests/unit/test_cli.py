@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from tests.conftest import make_fake_mvtec
 from PIL import Image
 
 from rd.cli import main
 from rd.data import MVTecCategory
 from rd.detector import load
 from rd.model import build_model
+from tests.conftest import make_fake_mvtec
 
 FAST = ["--image-size", "64", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--quiet"]
 RESNET18_FILE = "resnet18-f37072fd.pth"

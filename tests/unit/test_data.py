@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import FakeMVTec, make_fake_mvtec
 from PIL import Image, ImageFile
 
 from rd.data import (
@@ -29,6 +28,7 @@ from rd.data import (
     read_image,
     read_mask,
 )
+from tests.conftest import FakeMVTec, make_fake_mvtec
 
 
 def pixels(image: Image.Image) -> np.ndarray:

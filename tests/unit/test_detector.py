@@ -41,3 +41,39 @@ def test_batch_equals_single_images(detector, tiny_mvtec):
 def test_wrong_batch_shape_is_refused(detector):
     with pytest.raises(ValueError, match=r"expected a preprocessed batch"):
         detector.predict(torch.zeros(1, 3, 32, 32))
+
+
+def test_the_verdict_rule_flags_a_score_equal_to_the_threshold():
+    """Issue 10 bug 2: one rule, ``score >= threshold`` is defective, for numbers, numpy
+    scalars, arrays (the contour of flagged pixels) and ImageDetection alike."""
+    from rd.detector import ImageDetection, is_defective, verdict
+
+    assert is_defective(0.5, 0.5) is True and is_defective(np.float32(0.5), 0.5) is True
+    below = np.nextafter(0.5, 0.0)
+    assert is_defective(below, 0.5) is False
+    assert (verdict(0.5, 0.5), verdict(below, 0.5)) == ("defective", "normal")
+    np.testing.assert_array_equal(is_defective(np.array([0.4, 0.5, 0.6]), 0.5),
+                                  [False, True, True])
+    empty = np.empty(0, np.float32)
+    assert ImageDetection(0.5, empty, empty).verdict(0.5) == "defective"
+    assert ImageDetection(below, empty, empty).is_defective(0.5) is False
+
+
+def test_predict_rows_use_the_verdict_rule_at_the_threshold(detector, tiny_mvtec, tmp_path):
+    """The command line's rows (rd.scoring) say "defective" for a score equal to the
+    threshold and "normal" just below it, as every page does."""
+    from rd.scoring import collect_inputs, read_rows, score
+
+    path = next((tiny_mvtec.root / tiny_mvtec.category / "test" / "hole").iterdir())
+    inputs = collect_inputs([path])
+    first = tmp_path / "first.jsonl"
+    score(detector, inputs, first, threshold=0.0, workers=0, progress=False)
+    value = read_rows(first, "jsonl")[0]["score"]
+    verdicts = []
+    for name, threshold in (("at", value), ("above", float(np.nextafter(value, np.inf)))):
+        out = tmp_path / f"{name}.jsonl"
+        score(detector, inputs, out, threshold=threshold, workers=0, progress=False)
+        [row] = read_rows(out, "jsonl")
+        assert row["score"] == value
+        verdicts.append(row["verdict"])
+    assert verdicts == ["defective", "normal"]

@@ -11,8 +11,14 @@ from rd.data import MVTecCategory, PlainFolders
 from rd.errors import RDError
 from rd.evaluation import EvaluationReport
 from rd.manifest import read_manifest
-from rd.pipeline import RegistrationError, register_model, report_path, train_and_evaluate
-from rd.training import TrainConfig
+from rd.pipeline import (
+    RegistrationError,
+    TrainOutcome,
+    register_model,
+    report_path,
+    train_and_evaluate,
+)
+from rd.training import TrainConfig, TrainResult
 
 CONFIG = TrainConfig(image_size=64, epochs=1, batch_size=4, device="cpu", cache_teacher="on")
 
@@ -37,6 +43,9 @@ def test_train_and_evaluate_records_metrics_thresholds_and_the_report(trained):
     written = json.loads(trained.report_path.read_text())
     assert written == trained.report.to_dict() and written["n_images"] == 10
     assert EvaluationReport.read(trained.report_path) == trained.report
+    (line,) = trained.summary()
+    assert line.startswith("trained 1 epochs in ") and line.endswith(
+        f"checkpoint {trained.checkpoint}")
 
 
 def test_an_existing_checkpoint_is_kept_unless_asked(trained, tiny_mvtec):
@@ -54,6 +63,22 @@ def test_a_data_source_without_a_test_set_trains_and_says_why_not_evaluated(tiny
     assert outcome.report is None and "no test folder" in outcome.not_evaluated
     assert read_metadata(outcome.checkpoint).threshold("f1") is None
     assert not report_path(outcome.checkpoint).exists()
+    assert outcome.summary()[-1] == f"not evaluated: {outcome.not_evaluated}"
+
+
+def test_the_summary_is_what_the_command_line_and_a_job_print(tmp_path):
+    """One text for ``rd train`` and a job's log: trained, resumed stage, skipped, why no report."""
+    result = TrainResult(model=None, epochs_trained=3, losses=[0.5, 0.25], seconds=12.34)
+    out = tmp_path / "m.safetensors"
+    outcome = TrainOutcome(out, result, not_evaluated="no test folder",
+                           skipped=["test/bad/000.png"], resumed_at="evaluation")
+    assert outcome.summary() == [
+        f"trained 3 epochs in 12.3 s; final loss 0.2500; checkpoint {out}",
+        "training had finished (3 epochs): resumed at the evaluation",
+        "skipped 1 test image(s) that cannot be read, e.g. test/bad/000.png",
+        "not evaluated: no test folder"]
+    assert TrainOutcome(out, TrainResult(model=None, epochs_trained=0)).summary() == [
+        f"trained 0 epochs in 0.0 s; final loss nan; checkpoint {out}"]
 
 
 def test_register_model_copies_into_the_manifest_folder(trained, tmp_path):
