@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rd.detector import CPU_CHUNK, Detector, load
+from rd.detector import CPU_CHUNK, DetectionError, Detector, load
 from rd.errors import RDError
 from rd.files import data_home
 from rd.model import Prediction
@@ -172,10 +172,13 @@ class OnnxDetector(Detector):
         chunk = min(self.batch_size, CPU_CHUNK)
         parts = [self.session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: array[i:i + chunk]})
                  for i in range(0, len(array), chunk)]
-        if len(parts) == 1:
-            return Prediction(*(torch.from_numpy(output) for output in parts[0]))
-        return Prediction(*(torch.from_numpy(np.concatenate(outputs))
-                            for outputs in zip(*parts, strict=True)))
+        outputs = parts[0] if len(parts) == 1 else [
+            np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
+        if not np.isfinite(outputs[2]).all():  # the same refusal as the torch path's
+            raise DetectionError("the model's anomaly maps hold NaN or infinite values: its "
+                                 "weights are broken (e.g. trained with a too large --lr); "
+                                 "retrain it")
+        return Prediction(*(torch.from_numpy(output) for output in outputs))
 
 
 def default_runtime() -> str:
