@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import streamlit as st
@@ -30,12 +30,14 @@ from PIL import Image
 from rd import results
 from rd.data import DataError, MVTecCategory, Sample, read_image_bytes
 from rd.data.sources import DataSource, available_sources
-from rd.detector import Detector, ImageDetection
-from rd.detector import verdict as verdict  # the pages' one rule (score >= threshold)
+from rd.decision import ImageDetection
+from rd.decision import verdict as verdict  # the pages' one rule (score >= threshold)
 from rd.errors import RDError
 from rd.files import atomic_write, data_home
 from rd.manifest import ModelEntry
-from rd.runtime import load_runtime
+
+if TYPE_CHECKING:  # torch: imported when a model is loaded, not for the first page's images
+    from rd.detector import Detector
 
 MAX_UPLOAD_MB = 20
 SETTINGS_FILE = "app_settings.json"
@@ -206,6 +208,8 @@ def _wait_for_report(category: str) -> None:
 def load_model(path: str, mtime: float, device: str) -> Detector:
     del mtime  # part of the cache key only: a rewritten checkpoint is reloaded
     # the default runtime: our ONNX export in ONNX Runtime on a CPU (rd.runtime), else torch
+    from rd.runtime import load_runtime
+
     detector, _ = load_runtime(path, device)
     return detector
 
@@ -397,9 +401,10 @@ def _seed_once(entry: ModelEntry, samples: list[Sample], digests: list[str]) -> 
         return  # not usable: the test set is evaluated instead
 
 
-def evaluation(chosen: Selection, detector: Detector) -> Evaluation:
+def evaluation(chosen: Selection, detector: Detector | None) -> Evaluation:
     """Scores and report of the selected model on its category's test set, as far as they are
-    known; never waits. What is missing is computed by one background thread."""
+    known; never waits. What is missing is computed by one background thread (not started
+    when ``detector`` is None: a page showing what is stored before it loads the model)."""
     samples = test_samples(chosen)
     if not samples:
         return Evaluation({}, None, 0, 0, "no test images")
@@ -416,7 +421,7 @@ def evaluation(chosen: Selection, detector: Detector) -> Evaluation:
         report = shared.report(model, testset)
     stored = shared.scores(model, digests)
     run = None
-    if report is None:
+    if report is None and detector is not None:
         run = _start(model, testset, chosen.device, detector, samples, digests)
         if run.finished:
             report = shared.report(model, testset)
@@ -455,8 +460,9 @@ def _test_samples(root: str, category: str) -> list[Sample]:
 # ------------------------------------------------------------------------------- threshold
 
 
-def default_threshold(detector: Detector, report: dict[str, Any] | None) -> float:
-    """The F1-optimal threshold of the test report, else the one stored in the checkpoint."""
+def default_threshold(detector: Detector | None, report: dict[str, Any] | None) -> float:
+    """The F1-optimal threshold of the test report, else the one stored in the checkpoint
+    (``detector`` may be None when ``report`` is given: a page not yet holding the model)."""
     if report:
         return float(report["thresholds"]["f1"]["threshold"])
     stored = detector.metadata.threshold("f1")
@@ -470,7 +476,7 @@ def threshold_key(chosen: Selection) -> str:
     return f"threshold::{chosen.checkpoint}"
 
 
-def current_threshold(chosen: Selection, detector: Detector,
+def current_threshold(chosen: Selection, detector: Detector | None,
                       report: dict[str, Any] | None) -> float:
     """The threshold shared by every page for this model (set on Evaluate, used everywhere)."""
     key = threshold_key(chosen)

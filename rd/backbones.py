@@ -12,14 +12,18 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from rd.data.transforms import HALF, IMAGENET_MEAN, IMAGENET_STD
 from rd.errors import RDError
 from rd.files import file_sha256
+
+# torchvision.models costs seconds (it imports torch._dynamo): imported where a ResNet is built
+if TYPE_CHECKING:
+    import torchvision
 
 
 class WeightsError(RDError, RuntimeError):
@@ -134,14 +138,14 @@ def torch_hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _resnet_loader(weights_enum) -> Callable[[nn.Module, Path | None], Path]:
-    url = weights_enum.IMAGENET1K_V1.url
-    file_name = url.rsplit("/", 1)[-1]
-
+def _resnet_loader(name: str, file_name: str) -> Callable[[nn.Module, Path | None], Path]:
     def load(network: nn.Module, weights_path: Path | None) -> str:
         path = Path(weights_path) if weights_path else torch_hub_checkpoint_dir() / file_name
         if not path.is_file() and weights_path is None and not os.environ.get("RD_OFFLINE"):
             try:  # online users get torchvision's usual download into its cache
+                import torchvision.models
+
+                url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.hub.download_url_to_file(url, str(path), progress=True)
             except Exception:
@@ -163,7 +167,15 @@ def _resnet_loader(weights_enum) -> Callable[[nn.Module, Path | None], Path]:
     return load
 
 
-def _register_resnet(name: str, factory, weights_enum, block: str, width: int) -> None:
+def _build_resnet(name: str) -> nn.Module:
+    import torchvision.models
+
+    return torchvision.models.get_model(name, weights=None)
+
+
+def _register_resnet(name: str, weights_file: str, block: str, width: int) -> None:
+    """``weights_file``: the name of torchvision's IMAGENET1K_V1 file (kept here so listing
+    backbones does not import torchvision.models; a test checks it against torchvision)."""
     channels = (64, 128, 256) if block == "basic" else (256, 512, 1024)
     register_backbone(
         BackboneSpec(
@@ -174,21 +186,18 @@ def _register_resnet(name: str, factory, weights_enum, block: str, width: int) -
             decoder_final_relu=True,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            weights_file=weights_enum.IMAGENET1K_V1.url.rsplit("/", 1)[-1],
+            weights_file=weights_file,
             weights_hint="torchvision IMAGENET1K_V1",
-            build_network=lambda: factory(weights=None),
-            load_weights=_resnet_loader(weights_enum),
+            build_network=lambda: _build_resnet(name),
+            load_weights=_resnet_loader(name, weights_file),
             make_extractor=ResNetFeatures,
         )
     )
 
 
-_register_resnet("resnet18", torchvision.models.resnet18, torchvision.models.ResNet18_Weights,
-                 "basic", 1)
-_register_resnet("resnet50", torchvision.models.resnet50, torchvision.models.ResNet50_Weights,
-                 "bottleneck", 1)
-_register_resnet("wide_resnet50_2", torchvision.models.wide_resnet50_2,
-                 torchvision.models.Wide_ResNet50_2_Weights, "bottleneck", 2)
+_register_resnet("resnet18", "resnet18-f37072fd.pth", "basic", 1)
+_register_resnet("resnet50", "resnet50-0676ba61.pth", "bottleneck", 1)
+_register_resnet("wide_resnet50_2", "wide_resnet50_2-95faca4d.pth", "bottleneck", 2)
 
 
 # ----------------------------------------------------------------------- EfficientNet-Lite0

@@ -13,6 +13,11 @@ from PIL import Image
 
 from rd.checkpoints import CheckpointMetadata, load_checkpoint
 from rd.data import ImageSource, Preprocess
+
+# the decision rule lives in rd.decision (no torch: pages showing stored scores start fast)
+from rd.decision import ImageDetection as ImageDetection
+from rd.decision import is_defective as is_defective
+from rd.decision import verdict as verdict
 from rd.errors import RDError
 from rd.geometry import Geometry, NativeMaps, predict_native
 from rd.model import Prediction, ReverseDistillation, resolve_device
@@ -23,36 +28,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # caches and each image gets slower (on the project's CPU, chunks of 4 were 1.1-1.7x faster per
 # image than 16; benchmarks/inference.py). GPUs take whole batches.
 CPU_CHUNK = 4
-
-
-def is_defective(score: float | np.ndarray, threshold: float) -> bool | np.ndarray:
-    """THE decision rule of every page, download and command: an image is defective when its
-    score reaches the threshold (``>=``, so an image scoring exactly the threshold is
-    defective). ``score`` may be an array of scores: then an array of decisions."""
-    if isinstance(score, np.ndarray):
-        return score >= float(threshold)
-    return bool(float(score) >= float(threshold))
-
-
-def verdict(score: float, threshold: float) -> str:
-    """``"defective"`` or ``"normal"``: the word for :func:`is_defective`'s decision."""
-    return "defective" if is_defective(score, threshold) else "normal"
-
-
-@dataclass(frozen=True)
-class ImageDetection:
-    """One image's result: its score and maps (numpy, at the model's input resolution, or at
-    the image's own size for letterbox and tile checkpoints)."""
-
-    score: float
-    layer_maps: np.ndarray  # (3, H, W): 1 - cos per teacher layer (strides 4, 8, 16)
-    fused: np.ndarray  # (H, W): the fused, Gaussian-smoothed anomaly map
-
-    def is_defective(self, threshold: float) -> bool:
-        return bool(is_defective(self.score, threshold))
-
-    def verdict(self, threshold: float) -> str:
-        return verdict(self.score, threshold)
 
 
 @dataclass

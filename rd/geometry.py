@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from rd.data.dataset import ImageDataset
 from rd.data.images import ImageSource, read_image
-from rd.data.mvtec import ImageDataset, Sample
+from rd.data.mvtec import Sample
 from rd.data.transforms import Preprocess
 from rd.maps import fuse, gaussian_blur, layer_maps
 

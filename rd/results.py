@@ -7,7 +7,7 @@ or renamed folder costs nothing. Scores live in one SQLite database (safe with s
 processes); reports are JSON files written atomically.
 
 Verdicts are not stored: one rule makes them from a stored score and the threshold in use
-(``rd.detector.is_defective``).
+(``rd.decision.is_defective``).
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rd.data import DataError, ImageDataset, Sample
-from rd.detector import Detector
+from rd.data import DataError, Sample
 from rd.errors import RDError
-from rd.evaluation import evaluate
 from rd.files import atomic_write, data_home
+
+if TYPE_CHECKING:  # torch: imported when scores are computed, not when stored ones are read
+    from rd.detector import Detector
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _QUERY_CHUNK = 500  # SQLite's limit on host parameters is 999 in old builds
@@ -250,6 +251,8 @@ def evaluate_into(store: ResultsStore, model: str, detector: Detector,
         report = _evaluate_streaming(store, model, detector, samples, digests, lock, batch_size,
                                      on_progress)
     except DataError:  # unreadable test images: left out, named in the report
+        from rd.data.dataset import ImageDataset
+
         usable, problems = ImageDataset(list(samples), detector.preprocess).usable()
         if not problems or not usable:
             raise
@@ -275,6 +278,8 @@ def _evaluate_streaming(store: ResultsStore, model: str, detector: Detector,
                                              map(float, batch), strict=True)))
         if on_progress:
             on_progress(done, total)
+
+    from rd.evaluation import evaluate
 
     report = evaluate(streaming, samples, on_progress=keep)  # type: ignore[arg-type]
     report["images"] = [{**image, "sha256": digest}

@@ -203,8 +203,7 @@ def _sample_of(chosen: state.Selection, path: str) -> Sample | None:
 
 
 @st.fragment
-def _test_image_detail(chosen: state.Selection, detector, found: state.Evaluation | None
-                       ) -> None:
+def _test_image_detail(chosen: state.Selection, found: state.Evaluation | None) -> None:
     """The open test image with next/previous; reruns alone when its own controls change."""
     path = st.session_state.get("inspect_item")
     if path is None:
@@ -223,9 +222,10 @@ def _test_image_detail(chosen: state.Selection, detector, found: state.Evaluatio
         image = read_image(path)
         mask = (read_mask(sample.mask_path) if sample is not None and sample.mask_path
                 else None)
-        if detector is None:
+        if chosen.entry is None:
             _show_without_model(title, image, mask)
             return
+        _, detector = state.require_model()  # cached: loaded once, after the grid is drawn
         detection = state.detect(chosen, detector, Path(path))
     except (DataError, OSError) as error:
         st.error(f"Cannot show this image: {error}")
@@ -235,12 +235,12 @@ def _test_image_detail(chosen: state.Selection, detector, found: state.Evaluatio
 
 
 @st.fragment
-def _browser(chosen: state.Selection, detector, found: state.Evaluation | None,
+def _browser(chosen: state.Selection, found: state.Evaluation | None,
              samples: list[Sample]) -> None:
     """The grid beside the open image's detail."""
     grid, detail = st.columns([2, 3], gap="medium")
     with detail:
-        _test_image_detail(chosen, detector, found)
+        _test_image_detail(chosen, found)
     with grid:
         _grid(chosen, samples, found.scores if found else {},
               st.session_state.get(state.threshold_key(chosen)))
@@ -329,27 +329,45 @@ def _uploads(chosen: state.Selection, detector, found: state.Evaluation | None) 
     _upload_detail(chosen, detector, found, stored[picked])
 
 
+def _load_model(header, chosen: state.Selection, found: state.Evaluation | None
+                ) -> tuple[state.Selection, Any]:
+    """The model (stops the page with a message when it cannot be used), captioned in
+    ``header`` with its threshold."""
+    with header:
+        chosen, detector = state.require_model()
+        threshold = state.current_threshold(chosen, detector, found.report if found else None)
+        st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
+                   f"{detector.image_size} px · threshold {threshold:.4f}")
+    return chosen, detector
+
+
 def main() -> None:
     st.title("Inspect")
     chosen = state.require_data()
     detector = found = None
+    header = st.container()
     if chosen.entry is None:
-        st.info(state.no_model_message(chosen) + " Meanwhile, the images and their masks can "
-                "be browsed.")
-        state.train_call_to_action(chosen, key="inspect::train")
+        with header:
+            st.info(state.no_model_message(chosen) + " Meanwhile, the images and their masks "
+                    "can be browsed.")
+            state.train_call_to_action(chosen, key="inspect::train")
     else:
-        chosen, detector = state.require_model()
-        found = state.evaluation(chosen, detector)
-        threshold = state.current_threshold(chosen, detector, found.report)
-        st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
-                   f"{detector.image_size} px · threshold {threshold:.4f}")
-        if found.error:
-            st.warning(f"Cannot score the test images: {found.error}")
-        elif not found.complete:
-            _scoring(chosen, detector)
+        # The stored scores (a shipped model's committed report, an earlier run) need no model:
+        # the grid is drawn first and the model (torch, seconds on a fresh server) loaded after.
+        found = state.evaluation(chosen, None)
+        if not found.complete:  # the test set has to be scored: the model is needed now
+            chosen, detector = _load_model(header, chosen, found)
+            found = state.evaluation(chosen, detector)
+            with header:
+                if found.error:
+                    st.warning(f"Cannot score the test images: {found.error}")
+                elif not found.complete:
+                    _scoring(chosen, detector)
     source = st.segmented_control("Images", ["Test images", "Upload"], default="Test images",
                                   key="inspect_source")
     if source == "Upload":
+        if chosen.entry is not None and detector is None:
+            chosen, detector = _load_model(header, chosen, found)
         _uploads(chosen, detector, found)
         return
     samples = state.test_samples(chosen)
@@ -360,12 +378,16 @@ def main() -> None:
         st.session_state.inspect_item = None  # chosen under another category or data
     shown = _filtered(chosen, samples, found.scores if found else {})
     st.session_state[ORDER] = [str(s.path) for s in shown]
-    _browser(chosen, detector, found, shown)
+    if detector is None and found is not None and found.report is not None:
+        state.current_threshold(chosen, None, found.report)  # the grid's badges need no model
+    _browser(chosen, found, shown)
+    if chosen.entry is not None and detector is None:
+        # the thumbnails are on screen: load the model now, so opening an image does not wait
+        _load_model(header, chosen, found)
     if found and found.report:
         table = pd.DataFrame(found.report["images"])
         st.download_button("Scores of the test images (CSV)", table.to_csv(index=False).encode(),
                            f"{chosen.category}_{chosen.backbone}_scores.csv", "text/csv",
                            key="dl_csv", on_click="ignore")
-
 
 main()

@@ -24,7 +24,7 @@ from app.views.images import (
     to_rgb_array,
 )
 from rd.data import DataError, read_image, read_mask
-from rd.detector import is_defective
+from rd.decision import is_defective
 
 GRID_COLUMNS = 6
 TILE_BATCH = 4  # detections computed together (rd.detector.CPU_CHUNK)

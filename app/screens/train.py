@@ -20,6 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import torch
+from streamlit.delta_generator import DeltaGenerator
 
 from app import sidebar, state
 from rd import jobs
@@ -317,8 +318,8 @@ def _act(action: Callable[[str], jobs.Job], job_id: str) -> None:
         st.session_state[ERROR] = str(error)
 
 
-def _delete_with_confirmation(column, what: str, key: str, delete: Callable[[], object]
-                              ) -> None:
+def _delete_with_confirmation(column: DeltaGenerator, what: str, key: str,
+                              delete: Callable[[], object]) -> None:
     """A "Delete…" button, then "Delete for good" or "Keep it": nothing is removed on one
     click. ``delete`` runs in the confirming click's callback; its error is shown here."""
     if f"{key}::error" in st.session_state:

@@ -2,7 +2,7 @@
 ROC curves with their operating point, score histograms and the review galleries.
 
 Pure functions (no Streamlit) so they are tested directly. Everywhere, ``score >= threshold``
-means "flagged defective" (``rd.detector.is_defective``, the one rule).
+means "flagged defective" (``rd.decision.is_defective``, the one rule).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from numpy.typing import ArrayLike
 
-from rd.detector import is_defective
+from rd.decision import is_defective
 
 PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692",
            "#b6e880", "#ff97ff", "#fecb52")

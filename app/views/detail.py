@@ -25,7 +25,7 @@ from app.views.images import (
     heat_map,
     resize_map,
 )
-from rd.detector import is_defective
+from rd.decision import is_defective
 
 LAYER_NAMES = ("layer 1 · stride 4", "layer 2 · stride 8", "layer 3 · stride 16")
 DISPLAY_MAX = 512  # longest side of the shown pictures: the page shows them at most ~450 px wide

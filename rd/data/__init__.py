@@ -15,21 +15,43 @@ from rd.data.images import (
 from rd.data.mvtec import (
     GOOD,
     UNKNOWN_LABEL,
-    ImageDataset,
     MVTecCategory,
     Sample,
     holdout_view,
     list_categories,
 )
 from rd.data.plain import PlainFolders
-from rd.data.synthetic import (
-    SYNTHETIC_CATEGORIES,
-    builtin_dataset_root,
-    ensure_builtin_dataset,
-    generate_dataset,
-    render_sample,
-)
-from rd.data.transforms import HALF, IMAGENET_MEAN, IMAGENET_STD, Preprocess, mask_to_tensor
+
+# Names resolved on first use (PEP 562): their modules import torch (transforms, dataset) or
+# scipy (synthetic), which listing and showing images, the studio's first page, does not need.
+_LAZY = {
+    "ImageDataset": "rd.data.dataset",
+    "SYNTHETIC_CATEGORIES": "rd.data.synthetic",
+    "builtin_dataset_root": "rd.data.synthetic",
+    "ensure_builtin_dataset": "rd.data.synthetic",
+    "generate_dataset": "rd.data.synthetic",
+    "render_sample": "rd.data.synthetic",
+    "HALF": "rd.data.transforms",
+    "IMAGENET_MEAN": "rd.data.transforms",
+    "IMAGENET_STD": "rd.data.transforms",
+    "Preprocess": "rd.data.transforms",
+    "mask_to_tensor": "rd.data.transforms",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'rd.data' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -1,4 +1,5 @@
-"""MVTec AD folder layout, the Sample record every layout produces, and the torch Dataset.
+"""MVTec AD folder layout and the Sample record every layout produces (the torch Dataset over
+them is rd.data.dataset).
 
 Layout: root/<category>/train/good/*, root/<category>/test/<defect>/*, and
 root/<category>/ground_truth/<defect>/<stem>_mask.png for every defective test image.
@@ -6,18 +7,10 @@ root/<category>/ground_truth/<defect>/<stem>_mask.png for every defective test i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
-
-from rd.data.images import DataError, list_images, read_image, read_mask
-from rd.data.transforms import Preprocess, mask_to_tensor
+from rd.data.images import DataError, list_images
 
 GOOD = "good"
 UNKNOWN_LABEL = -1
@@ -123,65 +116,6 @@ class MVTecCategory:
         if not samples:
             raise DataError(f"{folder}: no test images found in test/<defect> folders")
         return samples
-
-
-class ImageDataset(Dataset):
-    """Samples read and preprocessed for a model; masks come at the same size as the image."""
-
-    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess | None = None) -> None:
-        self.samples = list(samples)
-        self.preprocess = preprocess or Preprocess()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _read(self, sample: Sample) -> tuple[Image.Image, np.ndarray | None]:
-        """Decode the image and its mask, checking the two match in size."""
-        image = read_image(sample.path)
-        if sample.mask_path is None:
-            return image, None
-        mask = read_mask(sample.mask_path)
-        image_hw = (image.height, image.width)
-        if mask.shape != image_hw:
-            raise DataError(
-                f"{sample.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} (h x w) but image "
-                f"{sample.path} is {image_hw[0]}x{image_hw[1]}; masks must match their image"
-            )
-        return image, mask
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.samples[index]
-        image, mask = self._read(sample)
-        size = self.preprocess.size
-        return {
-            "image": self.preprocess(image),
-            "label": sample.label,
-            "mask": torch.zeros(1, size, size) if mask is None else mask_to_tensor(mask, size),
-            "path": str(sample.path),
-            "defect": sample.defect,
-        }
-
-    def usable(self) -> tuple[list[Sample], list[str]]:
-        """The samples whose image and mask decode, and one message per sample that does not."""
-        good, problems = [], []
-        for sample in self.samples:
-            try:
-                self._read(sample)
-                good.append(sample)
-            except DataError as exc:
-                problems.append(str(exc))
-        return good, problems
-
-    def check(self, show: int = 5) -> None:
-        """Decode every image and mask once so a bad file stops a run at start, not mid-epoch."""
-        _, problems = self.usable()
-        if problems:
-            more = f"; and {len(problems) - show} more" if len(problems) > show else ""
-            raise DataError(
-                f"{len(problems)} of {len(self.samples)} samples cannot be used: "
-                + "; ".join(problems[:show])
-                + more
-            )
 
 
 def holdout_view(root: str | Path, category: str, count: int, out_root: str | Path) -> Path:

@@ -167,15 +167,15 @@ def _threshold_comparisons(path: Path) -> list[str]:
 
 
 def test_the_verdict_rule_is_written_once():
-    """Issue 10, one verdict: ``score >= threshold`` is written in ``rd.detector.is_defective``
+    """Issue 10, one verdict: ``score >= threshold`` is written in ``rd.decision.is_defective``
     only; the pages, views, results, scoring (CLI predict) and benchmarks call it. (The
     baseline benchmark re-implements the reference's PRO sweep, not a verdict.)"""
     root = PACKAGE.parent
     files = [path for folder in ("rd", "app", "benchmarks")
              for path in sorted((root / folder).rglob("*.py"))
-             if path not in (PACKAGE / "detector.py", root / "benchmarks" / "baseline.py")]
+             if path not in (PACKAGE / "decision.py", root / "benchmarks" / "baseline.py")]
     assert [hit for path in files for hit in _threshold_comparisons(path)] == []
-    assert _threshold_comparisons(PACKAGE / "detector.py")  # the rule itself is seen
+    assert _threshold_comparisons(PACKAGE / "decision.py")  # the rule itself is seen
 
 
 def test_the_verdict_rule_reader_finds_a_repeat(tmp_path):

@@ -46,8 +46,11 @@ def test_wrong_batch_shape_is_refused(detector):
 def test_the_verdict_rule_flags_a_score_equal_to_the_threshold():
     """Issue 10 bug 2: one rule, ``score >= threshold`` is defective, for numbers, numpy
     scalars, arrays (the contour of flagged pixels) and ImageDetection alike."""
-    from rd.detector import ImageDetection, is_defective, verdict
+    import rd.detector as module
+    from rd.decision import ImageDetection, is_defective, verdict
 
+    assert (module.is_defective, module.verdict, module.ImageDetection) == (
+        is_defective, verdict, ImageDetection)  # one definition, re-exported
     assert is_defective(0.5, 0.5) is True and is_defective(np.float32(0.5), 0.5) is True
     below = np.nextafter(0.5, 0.0)
     assert is_defective(below, 0.5) is False

@@ -182,3 +182,22 @@ def test_command_line_fails_only_when_no_image_can_be_read(checkpoint, tmp_path,
                  "--runtime", "torch"]) == 2
     out, err = capsys.readouterr()
     assert out.startswith(f"{text}\terror\t") and err.startswith("error: no image could be")
+
+
+def test_letterbox_checkpoint_scores_each_image_at_its_own_size(tmp_path, folder):
+    """A checkpoint trained with another geometry (rd.geometry) is scored image by image the
+    way ``Detector.detect`` fits it, not squashed through the batched loader."""
+    torch.manual_seed(0)
+    path = tmp_path / "letterbox.safetensors"
+    save_checkpoint(build_model("efficientnet_lite0"), path,
+                    {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum",
+                     "geometry": {"mode": "letterbox", "tile_scale": 1.0, "overlap": 0.25}})
+    letterbox = load(path, "cpu")
+    inputs = collect_inputs([folder / "a"])
+    out = tmp_path / "rows.jsonl"
+    score(letterbox, inputs, out, workers=1, progress=False)
+    rows = read_rows(out, "jsonl")
+    assert [r["path"] for r in rows] == inputs.paths
+    for row in rows:
+        assert row["verdict"] == "" and row["error"] is None  # no threshold stored
+        assert abs(row["score"] - letterbox.detect(row["path"]).score) <= 1e-5

@@ -1,0 +1,55 @@
+"""The studio's first page lists images, draws thumbnails and shows stored scores: none of that
+needs torch, whose import costs 5-15 s on a busy 2-core machine. These checks run in a fresh
+interpreter, since this test process has long imported torch."""
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "torchvision", "sklearn")
+
+
+def _imported_after(statement: str) -> list[str]:
+    code = (f"import sys\n{statement}\n"
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize("statement", [
+    "import rd",
+    "import rd.data, rd.data.sources, rd.results, rd.manifest, rd.decision",
+    "import app.state, app.views.detail, app.views.images  # the Inspect page's imports",
+])
+def test_first_page_data_path_does_not_import_torch(statement):
+    assert _imported_after(statement) == []
+
+
+def test_lazy_public_names_still_resolve():
+    import rd
+    import rd.data
+    from rd.decision import ImageDetection
+
+    assert rd.ImageDetection is ImageDetection
+    assert rd.list_backbones() and rd.DEFAULT_BACKBONE in rd.list_backbones()
+    assert rd.data.Preprocess().size > 0
+    assert rd.data.ImageDataset.__module__ == "rd.data.dataset"
+    with pytest.raises(AttributeError):
+        rd.no_such_name  # noqa: B018
+
+
+def test_listing_backbones_does_not_import_torchvision_models():
+    code = "import rd.backbones; rd.backbones.list_backbones()"
+    assert "torchvision" not in _imported_after(code)
+
+
+def test_resnet_weight_file_names_match_torchvision():
+    import torchvision.models
+
+    from rd.backbones import get_backbone
+
+    for name in ("resnet18", "resnet50", "wide_resnet50_2"):
+        url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
+        assert get_backbone(name).weights_file == url.rsplit("/", 1)[-1]
