@@ -30,4 +30,7 @@ navigation = st.navigation([
     st.Page(SCREENS / "train.py", title="Train", icon=":material/model_training:"),
 ])
 sidebar.draw()
-navigation.run()
+try:
+    navigation.run()
+finally:  # also when the page stops early (st.stop) or reruns
+    sidebar.check_jobs_at_start()

@@ -88,9 +88,10 @@ def _add_folder_form(taken: list[str]) -> None:
 
 
 @st.cache_resource(show_spinner=False)
-def _check_jobs_at_start() -> None:
+def check_jobs_at_start() -> None:
     """Once per app start: a scheduler step (rd.jobs), so that jobs whose process died with the
-    app's last run or the machine show as interrupted, and queued jobs start."""
+    app's last run or the machine show as interrupted, and queued jobs start. Called after the
+    page is drawn (app/main.py): importing rd.jobs takes seconds (torch, torchvision)."""
     from rd import jobs
 
     with contextlib.suppress(ValueError, OSError):  # the Train page shows these
@@ -112,7 +113,6 @@ def _apply_pending(names: list[str]) -> dict[str, Any]:
 
 def draw() -> None:
     """Draw the shared sidebar and store the selection in the session."""
-    _check_jobs_at_start()
     st.sidebar.title("RD Studio")
     st.session_state.selection = None
     try:

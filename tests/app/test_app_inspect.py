@@ -153,3 +153,23 @@ def test_images_of_a_category_without_a_model_can_be_browsed(two_categories):
     captions = [c for image in at.get("image") for c in image.captions]
     assert "ground truth" in captions and any(c.startswith("input (64×64") for c in captions)
     assert not at.metric  # no model: no score, no verdict
+
+
+def test_stored_scores_show_the_grid_before_the_model_is_loaded(studio, rerun_until,
+                                                               monkeypatch):
+    """The first paint does not wait for the model (torch, seconds on a fresh server): with
+    the scores stored, the grid and its verdicts are drawn before the model is loaded, so even a
+    model that fails to load leaves them on screen (the page stopped before the grid)."""
+    from app import state
+    from rd.errors import RDError
+
+    at = rerun_until(_app(studio), _scored)
+
+    def cannot_load(*args, **kwargs):
+        raise RDError("cannot load (test)")
+
+    monkeypatch.setattr(state, "load_model", cannot_load)
+    at.run()
+    assert "cannot load (test)" in at.error[0].value
+    assert _scored(at)
+    assert [b for b in at.button if b.key and b.key.startswith("open::")]
