@@ -16,6 +16,7 @@ Failures become messages in the page, never tracebacks.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import threading
 from collections import OrderedDict
@@ -204,14 +205,38 @@ def _wait_for_report(category: str) -> None:
 # ---------------------------------------------------------------------------------- models
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=8)
 def load_model(path: str, mtime: float, device: str) -> Detector:
-    del mtime  # part of the cache key only: a rewritten checkpoint is reloaded
-    # the default runtime: our ONNX export in ONNX Runtime on a CPU (rd.runtime), else torch
-    from rd.runtime import load_runtime
+    """The model in the default runtime (rd.runtime: our ONNX export in ONNX Runtime on a CPU,
+    else torch); ``mtime`` is part of the cache key only, so a rewritten checkpoint is reloaded.
+    """
+    return _model_slot(path, mtime, device)["detector"]
 
-    detector, _ = load_runtime(path, device)
-    return detector
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=8)
+def _model_slot(path: str, mtime: float, device: str) -> dict[str, Detector]:
+    """The torch model at once; the ONNX Runtime one replaces it when ready.
+
+    Exporting a graph the first time takes 10–60 s on a CPU: a user must not wait for it to see
+    the first image. A second copy of the model is exported in a background thread (never the
+    one serving requests), and swapped in once it loaded and matched torch (rd.runtime checks
+    every output within 1e-5); the stored scores are the verdict either way.
+    """
+    del mtime
+    from rd.detector import load
+    from rd.runtime import default_runtime, select_runtime
+
+    slot = {"detector": load(path, device)}
+    if default_runtime() == "torch" or slot["detector"].device.type != "cpu":
+        return slot
+
+    def upgrade() -> None:
+        with contextlib.suppress(Exception):  # any failure: torch keeps serving
+            faster, choice = select_runtime(load(path, device), path)
+            if choice.name == "onnxruntime":
+                slot["detector"] = faster
+
+    threading.Thread(target=upgrade, name="onnx-export", daemon=True).start()
+    return slot
 
 
 @st.cache_resource
