@@ -95,13 +95,17 @@ class Detector:
             images = [images]
         return torch.stack([self.preprocess(image) for image in images])
 
-    @torch.no_grad()
-    def predict_tensor(self, batch: torch.Tensor) -> Prediction:
-        """Maps of a preprocessed (N, 3, S, S) batch, as torch tensors on the device."""
+    def check_batch(self, batch: torch.Tensor) -> None:
+        """Refuse anything but a preprocessed (N, 3, S, S) batch at this model's size."""
         expected = (3, self.image_size, self.image_size)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise ValueError(f"expected a preprocessed batch of shape (N, {expected[0]}, "
                              f"{expected[1]}, {expected[2]}), got {tuple(batch.shape)}")
+
+    @torch.no_grad()
+    def predict_tensor(self, batch: torch.Tensor) -> Prediction:
+        """Maps of a preprocessed (N, 3, S, S) batch, as torch tensors on the device."""
+        self.check_batch(batch)
         chunk_size = self.batch_size if self.device.type == "cuda" else min(self.batch_size,
                                                                               CPU_CHUNK)
         parts = [self._predict(chunk.to(self.device, memory_format=self.memory_format,

@@ -164,10 +164,7 @@ class OnnxDetector(Detector):
     def predict_tensor(self, batch: torch.Tensor) -> Prediction:
         from rd.export import INPUT_NAMES, OUTPUT_NAMES
 
-        expected = (3, self.image_size, self.image_size)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
-            raise ValueError(f"expected a preprocessed batch of shape (N, {expected[0]}, "
-                             f"{expected[1]}, {expected[2]}), got {tuple(batch.shape)}")
+        self.check_batch(batch)
         array = batch.detach().cpu().contiguous().numpy()
         chunk = min(self.batch_size, CPU_CHUNK)
         parts = [self.session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: array[i:i + chunk]})
