@@ -182,3 +182,22 @@ def jobs_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         if job.state == "running":
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.status["pid"], signal.SIGKILL)
+
+
+def save_seeded_checkpoint(path: Path, size: int, threshold: float | None = None, seed: int = 0,
+                           **metadata: object) -> Path:
+    """An efficientnet_lite0 checkpoint with a seeded (untrained) student at ``size`` px, an
+    optional F1 threshold and extra metadata: for tests of inference plumbing, where training
+    would only cost time."""
+    import torch
+
+    from rd.checkpoints import save_checkpoint
+    from rd.data import HALF, Preprocess
+    from rd.model import build_model
+
+    torch.manual_seed(seed)
+    meta = {"preprocess": Preprocess(size, HALF, HALF).to_dict(), "fusion": "sum", **metadata}
+    if threshold is not None:
+        meta |= {"category": "tiny", "metrics": {"thresholds": {"f1": threshold}}}
+    save_checkpoint(build_model("efficientnet_lite0"), path, meta)
+    return path

@@ -21,6 +21,7 @@ from rd.data.mvtec import (
     list_categories,
 )
 from rd.data.plain import PlainFolders
+from rd.lazy import lazy_attributes
 
 # Names resolved on first use (PEP 562): their modules import torch (transforms, dataset) or
 # scipy (synthetic), which listing and showing images, the studio's first page, does not need.
@@ -39,18 +40,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'rd.data' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from rd import runtime
-from rd.checkpoints import save_checkpoint
-from rd.data import HALF, Preprocess
 from rd.detector import load
-from rd.model import build_model
+from tests.conftest import save_seeded_checkpoint
 
 SIZE = 64
 pytest.importorskip("onnxruntime")
@@ -24,12 +22,8 @@ def default_runtime(monkeypatch):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny 64 px efficientnet_lite0 checkpoint (ImageNet teacher, seeded student)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("runtime") / "tiny.safetensors"
-    save_checkpoint(build_model("efficientnet_lite0"), path,
-                    {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum",
-                     "category": "tiny", "metrics": {"thresholds": {"f1": 1.5}}})
-    return path
+    return save_seeded_checkpoint(tmp_path_factory.mktemp("runtime") / "tiny.safetensors",
+                                  SIZE, threshold=1.5)
 
 
 def _count_exports(monkeypatch, good) -> list[int]:
@@ -97,10 +91,7 @@ def test_corrupt_or_stale_cache_is_rebuilt(checkpoint, monkeypatch):
 
 
 def test_another_checkpoint_gets_another_cache(checkpoint, tmp_path):
-    other = tmp_path / "other.safetensors"
-    torch.manual_seed(1)
-    save_checkpoint(build_model("efficientnet_lite0"), other,
-                    {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum"})
+    other = save_seeded_checkpoint(tmp_path / "other.safetensors", SIZE, seed=1)
     a = runtime.cache_key(checkpoint, load(checkpoint, "cpu"))
     b = runtime.cache_key(other, load(other, "cpu"))
     assert a != b

@@ -7,26 +7,19 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from rd.checkpoints import save_checkpoint
-from rd.data import HALF, Preprocess
 from rd.detector import load
-from rd.model import build_model
 from rd.scoring import COLUMNS, ScoringError, collect_inputs, read_rows, score
+from tests.conftest import save_seeded_checkpoint
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("scoring") / "tiny.safetensors"
-    save_checkpoint(build_model("efficientnet_lite0"), path,
-                    {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum",
-                     "category": "tiny", "metrics": {"thresholds": {"f1": 0.0}}})
-    return path
+    return save_seeded_checkpoint(tmp_path_factory.mktemp("scoring") / "tiny.safetensors",
+                                  SIZE, threshold=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +180,9 @@ def test_command_line_fails_only_when_no_image_can_be_read(checkpoint, tmp_path,
 def test_letterbox_checkpoint_scores_each_image_at_its_own_size(tmp_path, folder):
     """A checkpoint trained with another geometry (rd.geometry) is scored image by image the
     way ``Detector.detect`` fits it, not squashed through the batched loader."""
-    torch.manual_seed(0)
-    path = tmp_path / "letterbox.safetensors"
-    save_checkpoint(build_model("efficientnet_lite0"), path,
-                    {"preprocess": Preprocess(SIZE, HALF, HALF).to_dict(), "fusion": "sum",
-                     "geometry": {"mode": "letterbox", "tile_scale": 1.0, "overlap": 0.25}})
+    path = save_seeded_checkpoint(
+        tmp_path / "letterbox.safetensors", SIZE,
+        geometry={"mode": "letterbox", "tile_scale": 1.0, "overlap": 0.25})
     letterbox = load(path, "cpu")
     inputs = collect_inputs([folder / "a"])
     out = tmp_path / "rows.jsonl"
