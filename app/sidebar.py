@@ -13,12 +13,12 @@ import contextlib
 from typing import Any
 
 import streamlit as st
-import torch
 
 from app import state
 from rd.backbones import DEFAULT_BACKBONE, list_backbones
 from rd.data import DataError, list_categories
 from rd.data.sources import SourceError, allowed_roots, check_user_folder
+from rd.devices import device_choices
 from rd.manifest import ManifestError, ModelEntry, models_for
 
 PENDING = "sidebar::pending"
@@ -31,10 +31,6 @@ def show_model(entry: ModelEntry) -> None:
     """Make the sidebar select ``entry``'s data, category, backbone and model on the next run."""
     st.session_state[PENDING] = {"source": entry.dataset, "category": entry.category,
                                  "backbone": entry.backbone, "model": entry.id}
-
-
-def _devices() -> list[str]:
-    return ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
 
 
 def _forget_category_state() -> None:
@@ -158,7 +154,7 @@ def draw() -> None:
     st.session_state["backbone"] = backbone  # what the Train form starts from
     entry = _pick_model([m for m in models if m.backbone == backbone], slot, backbone,
                         pending.get("model"))
-    devices = _devices()
+    devices = device_choices()
     device = st.sidebar.selectbox("Device", devices, key="device", index=len(devices) - 1)
     st.session_state.selection = state.Selection(source, category, backbone, device, entry,
                                                  tuple(models))

@@ -217,13 +217,14 @@ def _model_slot(path: str, mtime: float, device: str) -> dict[str, Detector]:
     """The torch model at once; the ONNX Runtime one replaces it when ready.
 
     Exporting a graph the first time takes 10–60 s on a CPU: a user must not wait for it to see
-    the first image. A second copy of the model is exported in a background thread (never the
-    one serving requests), and swapped in once it loaded and matched torch (rd.runtime checks
-    every output within 1e-5); the stored scores are the verdict either way.
+    the first image, nor find the pages slow meanwhile. The export runs in a child process at a
+    lower priority (rd.runtime.build_cache_process, which checks every output against torch
+    within 1e-5); a background thread waits for it and swaps the cached graph in. The stored
+    scores are the verdict either way.
     """
     del mtime
     from rd.detector import load
-    from rd.runtime import default_runtime, select_runtime
+    from rd.runtime import build_cache_process, default_runtime, select_runtime
 
     slot = {"detector": load(path, device)}
     if default_runtime() == "torch" or slot["detector"].device.type != "cpu":
@@ -231,6 +232,10 @@ def _model_slot(path: str, mtime: float, device: str) -> dict[str, Detector]:
 
     def upgrade() -> None:
         with contextlib.suppress(Exception):  # any failure: torch keeps serving
+            export = build_cache_process(path)
+            export.communicate()
+            if export.returncode != 0:
+                return
             faster, choice = select_runtime(load(path, device), path)
             if choice.name == "onnxruntime":
                 slot["detector"] = faster

@@ -32,6 +32,7 @@ from torch import nn
 
 from rd.data import ImageDataset
 from rd.model import ReverseDistillation
+from rd.teacher import build_network
 
 SIGMA = 4
 PRO_THRESHOLDS = 200
@@ -53,7 +54,7 @@ class ReferenceTeacher(nn.Module):
     def __init__(self, model: ReverseDistillation) -> None:
         super().__init__()
         spec = model.teacher.spec
-        self.network = spec.build_network()
+        self.network = build_network(spec.name)
         unexpected = self.network.load_state_dict(
             model.teacher.extractor.state_dict(), strict=False).unexpected_keys
         if unexpected:

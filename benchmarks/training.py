@@ -42,6 +42,7 @@ from rd.backbones import get_backbone
 from rd.data import ImageDataset, MVTecCategory, Preprocess
 from rd.losses import reverse_distillation_loss
 from rd.model import ReverseDistillation
+from rd.teacher import build_network
 from rd.training import TrainConfig, log_path, train
 
 BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2")
@@ -103,7 +104,7 @@ def _random_teacher_file(backbone: str, folder: Path) -> Path:
     weights exist offline; speed does not depend on the weights."""
     torch.manual_seed(0)
     path = folder / f"{backbone}-random.pth"
-    torch.save(get_backbone(backbone).build_network().state_dict(), path)
+    torch.save(build_network(backbone).state_dict(), path)
     return path
 
 

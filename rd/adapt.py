@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rd.backbones import Teacher
+from rd.teacher import Teacher
 
 ADAPT_MODES = ("none", "bn", "ssl")
 BN_BLEND = 0.5  # share of the normal images' statistics in the adapted ones

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter
 
-from rd.backbones import Teacher
 from rd.data.images import read_image
 from rd.data.mvtec import Sample
 from rd.data.transforms import Preprocess
 from rd.geometry import Geometry, ImageTransform
+from rd.teacher import Teacher
 
 AUTO_RATIO = 1.15  # kept when augmented normals lie at most this much farther than normals do
 

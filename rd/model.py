@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rd.backbones import Teacher, build_teacher, count_parameters, get_backbone
 from rd.bottleneck import OCBE
 from rd.decoder import Decoder
 from rd.maps import fuse, gaussian_blur, image_scores, layer_maps
+from rd.teacher import Teacher, build_network, build_teacher, count_parameters
 
 # Blocks of the one-class embedding and of the decoder stages (stride 16, 8, 4), as in the
 # reference code (its ResNet-50 decoder is built from layers [3, 4, 6]: the parameter counts of
@@ -102,10 +102,9 @@ def build_model(backbone: str = "efficientnet_lite0", pretrained: bool = True,
 
 def parameter_counts(backbone: str) -> dict[str, int]:
     """Parameter counts as REFERENCE.md tabulates them; builds random weights, needs no file."""
-    spec = get_backbone(backbone)
     model = ReverseDistillation(build_teacher(backbone, pretrained=False))
     return {
-        "teacher_network": count_parameters(spec.build_network()),
+        "teacher_network": count_parameters(build_network(backbone)),
         "teacher_used": count_parameters(model.teacher),
         "bottleneck": count_parameters(model.bottleneck),
         "decoder": count_parameters(model.decoder),

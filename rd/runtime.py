@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,28 @@ def cached_session(checkpoint: str | Path, detector: Detector, threads: int | No
     finally:
         scratch.unlink(missing_ok=True)
     return open_session(path, threads), path
+
+
+def build_cache(checkpoint: str | Path) -> Path:
+    """Export ``checkpoint`` (on the CPU) into its ONNX cache, or find it there."""
+    return cached_session(checkpoint, load(checkpoint, "cpu"))[1]
+
+
+EXPORT_NICENESS = 10
+
+
+def build_cache_process(checkpoint: str | Path) -> subprocess.Popen:
+    """``build_cache`` in a child process at a lower CPU priority: a server (the studio) keeps
+    answering at full speed, and its threads do not wait on the exporter's Python work (the
+    export holds the interpreter lock most of its 10-60 s). The child dies with its parent."""
+    code = ("import os, sys\n"
+            f"os.nice({EXPORT_NICENESS})\n"
+            "from rd.files import die_with_parent\n"
+            "die_with_parent()\n"
+            "from rd.runtime import build_cache\n"
+            "build_cache(sys.argv[1])\n")
+    return subprocess.Popen([sys.executable, "-c", code, str(checkpoint)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _stamp(path: Path, key: str) -> None:

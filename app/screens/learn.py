@@ -31,9 +31,9 @@ from app.views.learn import (
     pca_rgb,
     region_of,
 )
-from rd.backbones import count_parameters
 from rd.data import DataError, MVTecCategory, Sample, read_image, read_mask
 from rd.detector import Detector
+from rd.teacher import count_parameters
 
 REGION = "learn_region"  # the region drawn on the canvas, with the image it belongs to
 CONTOUR_EDIT = (0, 255, 255)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-import torch
 from streamlit.delta_generator import DeltaGenerator
 
 from app import sidebar, state
@@ -29,6 +28,7 @@ from rd.backbones import list_backbones
 from rd.checkpoints import CheckpointError, read_metadata
 from rd.data import DataError, list_categories
 from rd.data.sources import DataSource
+from rd.devices import gpu_count
 from rd.errors import RDError
 from rd.files import file_sha256
 from rd.geometry import RESIZE_MODES
@@ -148,10 +148,11 @@ def _form() -> None:
     lr = columns[3].number_input("Learning rate", 1e-6, 1.0, defaults.lr, format="%.5f",
                                  step=1e-4, key="train::lr")
     columns = st.columns(3)
-    devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    gpus = gpu_count()
+    devices = ["cpu", *(["cuda"] if gpus else [])]
     device = columns[0].selectbox("Device", devices, index=len(devices) - 1,
                                   key="train::device")
-    most = torch.cuda.device_count() if device == "cuda" else (os.cpu_count() or 1)
+    most = gpus if device == "cuda" else (os.cpu_count() or 1)
     nproc = columns[1].number_input(
         "GPUs" if device == "cuda" else "Processes", 1, max(1, most), 1, key="train::nproc",
         help="More than one: distributed data parallel (torchrun); the batch size is split "

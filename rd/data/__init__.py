@@ -20,6 +20,7 @@ from rd.data.mvtec import (
     holdout_view,
     list_categories,
 )
+from rd.data.normalization import HALF, IMAGENET_MEAN, IMAGENET_STD
 from rd.data.plain import PlainFolders
 from rd.lazy import lazy_attributes
 
@@ -32,9 +33,6 @@ _LAZY = {
     "ensure_builtin_dataset": "rd.data.synthetic",
     "generate_dataset": "rd.data.synthetic",
     "render_sample": "rd.data.synthetic",
-    "HALF": "rd.data.transforms",
-    "IMAGENET_MEAN": "rd.data.transforms",
-    "IMAGENET_STD": "rd.data.transforms",
     "Preprocess": "rd.data.transforms",
     "mask_to_tensor": "rd.data.transforms",
 }

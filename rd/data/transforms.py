@@ -15,10 +15,7 @@ import torch
 from PIL import Image
 
 from rd.data.images import ImageSource, read_image, resize_mask
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
+from rd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 _FIELDS = ("size", "mean", "std")
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from rd.adapt import BN_BLEND, adapt_teacher
-from rd.backbones import build_teacher
 from rd.checkpoints import load_checkpoint, read_metadata
 from rd.data import HALF, MVTecCategory, Preprocess
 from rd.detector import load
 from rd.geometry import Geometry, training_dataset
+from rd.teacher import build_teacher
 from rd.training import TrainConfig, train
 
 SIZE = 64

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from rd.augment import TRANSFORMS, OneOf, augmentation, parse_augment, select_transforms
-from rd.backbones import build_teacher
 from rd.data import HALF, MVTecCategory, Preprocess
 from rd.geometry import Geometry
+from rd.teacher import build_teacher
 
 PRE = Preprocess(64, HALF, HALF)
 

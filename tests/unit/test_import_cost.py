@@ -22,6 +22,8 @@ def _imported_after(statement: str) -> list[str]:
     "import rd",
     "import rd.data, rd.data.sources, rd.results, rd.manifest, rd.decision",
     "import app.state, app.views.detail, app.views.images  # the Inspect page's imports",
+    "import app.sidebar; import rd.devices; rd.devices.device_choices()",
+    "import rd.backbones; rd.backbones.list_backbones(); rd.backbones.get_backbone('resnet18')",
 ])
 def test_first_page_data_path_does_not_import_torch(statement):
     assert _imported_after(statement) == []
@@ -40,9 +42,18 @@ def test_lazy_public_names_still_resolve():
         rd.no_such_name  # noqa: B018
 
 
-def test_listing_backbones_does_not_import_torchvision_models():
-    code = "import rd.backbones; rd.backbones.list_backbones()"
-    assert "torchvision" not in _imported_after(code)
+def test_device_choices_agree_with_torch():
+    """Asked before torch is imported (the CUDA driver) and after (torch): the same list."""
+    import torch
+
+    from rd.devices import device_choices
+
+    expected = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    assert device_choices() == expected
+    code = "import rd.devices; print(rd.devices.device_choices())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == str(expected)
 
 
 def test_resnet_weight_file_names_match_torchvision():

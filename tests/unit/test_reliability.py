@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rd.backbones import WeightsError, build_teacher
+from rd.backbones import WeightsError
 from rd.data import DataError
 from rd.data.novelty import archive_cache, open_dataset
 from rd.model import resolve_device
+from rd.teacher import build_teacher
 
 
 def _class_archive(path: Path, classes: list[str], value: int) -> Path:
