@@ -464,14 +464,23 @@ def evaluation(chosen: Selection, detector: Detector | None) -> Evaluation:
                       run.error if run else None)
 
 
+def stored_evaluation(chosen: Selection) -> Evaluation:
+    """``evaluation`` of a model other than the one on screen: the model is loaded (and its
+    background scoring started) only when its results are not all stored yet, so listing the
+    shipped models' results costs no model load, no export and no CPU."""
+    found = evaluation(chosen, None)
+    if found.complete or found.error:
+        return found
+    path = chosen.entry.verify()
+    return evaluation(chosen, load_model(str(path), path.stat().st_mtime, chosen.device))
+
+
 def report_for(chosen: Selection) -> dict[str, Any] | None:
     """The complete report of ``chosen``'s model (e.g. another backbone to compare with), or
     None while its background evaluation runs; never waits."""
     if chosen.entry is None:
         return None
-    path = chosen.entry.path
-    detector = load_model(str(path), path.stat().st_mtime, chosen.device)
-    return evaluation(chosen, detector).report
+    return stored_evaluation(chosen).report
 
 
 def test_samples(chosen: Selection) -> list[Sample]:

@@ -11,7 +11,11 @@ running, no stale element):
 One-off steps (fresh, warm, category switch, Review) run once per server; repeated interactions
 are timed ``--repeats`` times and reported by their median.
 
-    python -m benchmarks.browser [--quick] [--home DIR] [--repeats N]
+    python -m benchmarks.browser [--quick] [--home DIR] [--repeats N] [--beside-job]
+
+``--beside-job`` measures the same with a training job running, started as the Train page
+starts one (``rd.jobs``: its own process at the jobs' CPU priority, ``$RD_JOBS_NICENESS``):
+300 epochs of Lite0 on built-in wood, cancelled at the end.
 """
 
 from __future__ import annotations
@@ -87,6 +91,40 @@ def serve(home: Path, log: Path) -> Iterator[str]:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@contextlib.contextmanager
+def training_job(folder: Path) -> Iterator[None]:
+    """A long training job beside the app, from its first logged epoch until cancelled."""
+    from rd import jobs
+    from rd.data import ensure_builtin_dataset
+    from rd.training import TrainConfig
+
+    root, home = folder / "jobs", folder / "job-home"
+    data = ensure_builtin_dataset(home / "builtin")
+    previous = os.environ.get("RD_HOME")
+    os.environ["RD_HOME"] = str(home)  # inherited by the job's process: its models land there
+    try:
+        job = jobs.submit(TrainConfig(epochs=300), data, "wood", name="beside the app",
+                          root=root)
+    finally:
+        if previous is None:
+            os.environ.pop("RD_HOME")
+        else:
+            os.environ["RD_HOME"] = previous
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not jobs.get(job.id, root).metrics():
+            if jobs.get(job.id, root).state != "running" or time.monotonic() > deadline:
+                raise RuntimeError(f"the training job did not start:\n{job.log_tail()}")
+            time.sleep(1)
+        print(f"training job {job.id} running (log: {job.log})", flush=True)
+        yield
+    finally:
+        jobs.cancel(job.id, root)
+        while jobs.get(job.id, root).state == "running":
+            jobs.schedule(root)
+            time.sleep(0.5)
 
 
 def _healthy(url: str) -> bool:
@@ -252,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="times each repeated interaction is measured (default 5)")
     parser.add_argument("--category", default="wood",
                         help="the built-in category switched to (default wood)")
+    parser.add_argument("--beside-job", action="store_true",
+                        help="with a training job running, started as the Train page does")
     parser.add_argument("--home", type=Path,
                         help="data home (default: a new empty one, removed afterwards)")
     args = parser.parse_args(argv)
@@ -261,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rd-browser-") as folder:
         home = args.home or Path(folder) / "home"
-        times = run(home, Path(folder), repeats, args.category)
+        with training_job(Path(folder)) if args.beside_job else contextlib.nullcontext():
+            times = run(home, Path(folder), repeats, args.category)
     load_after = os.getloadavg()
     rows = [[name, statistics.median(values), min(values), max(values), len(values),
              TARGETS_S.get(name)] for name, values in times.items()]
@@ -269,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 ["interaction", "median", "min", "max", "n", "target"], rows)
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     write_json(args.json, {"times_s": times, "targets_s": TARGETS_S, "repeats": repeats,
-                           "category": args.category, "load_before": load_before,
+                           "category": args.category, "beside_job": args.beside_job,
+                           "load_before": load_before,
                            "load_after": load_after,
                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
     return 0

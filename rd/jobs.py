@@ -84,7 +84,14 @@ from rd.checkpoints import read_metadata
 from rd.data import MVTecCategory, list_categories
 from rd.errors import RDError
 from rd.evaluation import format_summary
-from rd.files import atomic_write, data_home, die_with_parent, file_sha256
+from rd.files import (
+    atomic_write,
+    check_background_priority,
+    data_home,
+    die_with_parent,
+    file_sha256,
+    lower_priority,
+)
 from rd.manifest import read_manifest, user_manifest
 from rd.model import resolve_device
 from rd.pipeline import register_model, train_and_evaluate
@@ -105,6 +112,7 @@ ACTIVE = ("queued", "running")
 RESUMABLE = ("cancelled", "interrupted")
 ROOT_ENV = "RD_JOBS_ROOT"
 SLOTS_ENV = {"gpu": "RD_JOBS_GPU_SLOTS", "cpu": "RD_JOBS_CPU_SLOTS"}
+PRIORITY_ENV = "RD_JOBS_PRIORITY"  # rd.files.lower_priority: "idle" (default) or a niceness
 CANCEL_TIMEOUT_S = 30.0
 CHECKPOINT = "model.safetensors"
 LOG = "job.log"
@@ -269,6 +277,7 @@ def _validated(config: TrainConfig, data: Path, category: str, evaluate: bool, n
     """The job's spec, or JobError saying what is wrong with the request."""
     if not isinstance(config, TrainConfig):
         raise JobError(f"a job needs a TrainConfig, got {type(config).__name__}")
+    _priority()  # a bad $RD_JOBS_PRIORITY is refused before a job exists
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise JobError(f"the number of processes must be a whole number >= 1, got {nproc!r}")
     try:
@@ -473,7 +482,18 @@ def _slots(kind: str) -> int:
     return int(value)
 
 
+def _priority() -> str:
+    value = os.environ.get(PRIORITY_ENV, "idle")
+    try:
+        return check_background_priority(value)
+    except ValueError as error:
+        raise JobError(f"${PRIORITY_ENV}: {error}") from None
+
+
 def _launch(root: Path, job: Job) -> Job:
+    """Start the job's process, in its own session, at background CPU priority: a job never
+    makes the studio wait for the CPU, and alone it runs at full speed."""
+    priority = _priority()
     command = [sys.executable, "-m", "rd", "jobs", "run", job.id, "--root", str(root)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
@@ -486,7 +506,8 @@ def _launch(root: Path, job: Job) -> Job:
             log.flush()
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT, cwd=job.spec["cwd"], env=env,
-                                       start_new_session=True)
+                                       start_new_session=True,
+                                       preexec_fn=lambda: lower_priority(priority))
     except OSError as error:
         return _set(job, state="failed", finished_at=time.time(), message=f"cannot start: {error}")
     _LAUNCHED[process.pid] = process

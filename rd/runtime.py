@@ -141,16 +141,14 @@ def build_cache(checkpoint: str | Path) -> Path:
     return cached_session(checkpoint, load(checkpoint, "cpu"))[1]
 
 
-EXPORT_NICENESS = 10
-
-
 def build_cache_process(checkpoint: str | Path) -> subprocess.Popen:
-    """``build_cache`` in a child process at a lower CPU priority: a server (the studio) keeps
-    answering at full speed, and its threads do not wait on the exporter's Python work (the
-    export holds the interpreter lock most of its 10-60 s). The child dies with its parent."""
-    code = ("import os, sys\n"
-            f"os.nice({EXPORT_NICENESS})\n"
-            "from rd.files import die_with_parent\n"
+    """``build_cache`` in a child process at background priority (rd.files.lower_priority): a
+    server (the studio) keeps answering at full speed, and its threads do not wait on the
+    exporter's Python work (the export holds the interpreter lock most of its 10-60 s). The
+    child dies with its parent."""
+    code = ("import sys\n"
+            "from rd.files import die_with_parent, lower_priority\n"
+            "lower_priority()\n"
             "die_with_parent()\n"
             "from rd.runtime import build_cache\n"
             "build_cache(sys.argv[1])\n")

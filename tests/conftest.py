@@ -201,3 +201,9 @@ def save_seeded_checkpoint(path: Path, size: int, threshold: float | None = None
         meta |= {"category": "tiny", "metrics": {"thresholds": {"f1": threshold}}}
     save_checkpoint(build_model("efficientnet_lite0"), path, meta)
     return path
+
+
+def scheduling_policy(pid: int) -> int:
+    """A Linux process's scheduling policy (field 41 of /proc/PID/stat; os.SCHED_IDLE is 5)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[38])

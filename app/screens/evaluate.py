@@ -198,15 +198,12 @@ def _category_evaluations(chosen: state.Selection) -> dict[str, tuple[ModelEntry
     in the background, one model at a time)."""
     found = {}
     for category, entry in _category_models(chosen).items():
-        try:
-            path = entry.verify()
-            detector = state.load_model(str(path), path.stat().st_mtime, chosen.device)
-        except (RDError, OSError, ValueError) as error:
-            st.warning(f"{category}: the model cannot be used: {error}")
-            continue
         other = dataclasses.replace(chosen, category=category, backbone=entry.backbone,
                                     entry=entry, models=(entry,))
-        found[category] = (entry, state.evaluation(other, detector))
+        try:
+            found[category] = (entry, state.stored_evaluation(other))
+        except (RDError, OSError, ValueError) as error:
+            st.warning(f"{category}: the model cannot be used: {error}")
     return found
 
 

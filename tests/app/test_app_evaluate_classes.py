@@ -49,3 +49,24 @@ def test_every_category_with_a_model_on_one_figure(two_categories, rerun_until):
     assert all(" · AUROC " in n for n in names)
     table = next(d.value for d in at.dataframe if "category" in d.value.columns)
     assert sorted(table["category"]) == ["gadget", "widget"]
+
+
+def test_stored_results_of_other_categories_load_no_model(two_categories, rerun_until,
+                                                          monkeypatch):
+    """Once every category is scored, opening Evaluate (a restarted server: no model in memory)
+    loads only the model on screen: the other categories' curves come from the results store
+    (before, each of their models was loaded and exported while the user moved the slider)."""
+    import streamlit as st
+
+    from app import state
+
+    _evaluate("twoparts", rerun_until)
+    st.cache_resource.clear()
+    loaded: list[str] = []
+    real = state.load_model
+    monkeypatch.setattr(state, "load_model",
+                        lambda path, *rest: loaded.append(Path(path).name) or real(path, *rest))
+    at = _evaluate("twoparts", rerun_until)
+    (names,) = [n for n in _legends(at) if any(x.startswith("widget") for x in n)]
+    assert sorted(n.split(" (")[0] for n in names) == ["gadget", "widget"]
+    assert loaded and set(loaded) == {"two_gadget.safetensors"}

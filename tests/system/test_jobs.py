@@ -23,6 +23,7 @@ from rd.training import (
     resume_path,
     train,
 )
+from tests.conftest import scheduling_policy
 
 
 @pytest.fixture
@@ -57,7 +58,8 @@ def _epochs(job: jobs.Job) -> list[int]:
     return [record["epoch"] for record in job.metrics()]
 
 
-def test_invalid_requests_are_refused_before_a_job_exists(root, tiny, studio_home):
+def test_invalid_requests_are_refused_before_a_job_exists(root, tiny, studio_home,
+                                                          monkeypatch):
     refused = {
         "epochs must be at least 1": [*tiny, "--epochs", "0"],
         "multiple of 32": [*tiny, "--image-size", "50"],
@@ -77,6 +79,10 @@ def test_invalid_requests_are_refused_before_a_job_exists(root, tiny, studio_hom
         submit(tiny, nproc=0)
     with pytest.raises(jobs.JobError, match="at least 8 images"):
         submit(tiny, nproc=8)
+    with monkeypatch.context() as patch:
+        patch.setenv(jobs.PRIORITY_ENV, "-5")
+        with pytest.raises(jobs.JobError, match=r"RD_JOBS_PRIORITY.*'idle' or a niceness"):
+            submit(tiny)
     for bad in ("../x", "a/b", "", ".hidden"):
         with pytest.raises(jobs.JobError, match="invalid job id"):
             jobs.get(bad)
@@ -219,7 +225,9 @@ def test_two_jobs_with_one_slot_run_in_order_then_ddp_on_two_processes(root, tin
 
 def test_cancel_stops_after_a_step_and_keeps_the_resume_state(root, tiny):
     job = submit([*tiny, "--epochs", "500", "--checkpoint-every", "1"])
-    _wait(job.id, ("running",), records=1)
+    job = _wait(job.id, ("running",), records=1)
+    # A background job yields the CPU to the studio: it runs at the idle priority.
+    assert scheduling_policy(job.status["pid"]) == os.SCHED_IDLE
     jobs.cancel(job.id)
     job = _wait(job.id, ("cancelled",), timeout=60)
     assert job.status["exit_code"] == STOPPED_EXIT
