@@ -11,12 +11,13 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts only app/ on the path
 
 import streamlit as st  # noqa: E402
 
-from app import access, sidebar  # noqa: E402
+from app import access, sidebar, state  # noqa: E402
 
 # An emoji icon is drawn by the browser itself; a ":material/…:" page icon is fetched from a
 # font CDN (a request leaving the machine, failing offline).
 st.set_page_config(page_title="RD Studio", page_icon="🔬", layout="wide")
 access.guard()  # this machine only, unless a password is set (app/access.py)
+state.note_activity()  # background work waits for a quiet moment (app/state.py)
 
 # Not "pages/": that folder name turns on Streamlit's folder-based navigation, which runs a page
 # without this file when a browser opens its URL directly.

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +47,8 @@ MAX_UPLOAD_MB = 20
 SETTINGS_FILE = "app_settings.json"
 TRAIN_PAGE = "screens/train.py"
 POLL_S = 1.0  # how often a page waiting for results looks again
+QUIET_S = 5.0  # background CPU work (the ONNX export) waits until nobody clicked for this long
+_ACTIVITY = {"last": time.monotonic()}
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,32 @@ def _wait_for_report(category: str) -> None:
                      "(the results are kept: this happens once per model)")
 
 
+# ------------------------------------------------------------------------------ activity
+
+
+def note_activity() -> None:
+    """A user interacted (a page or an interactive fragment ran)."""
+    _ACTIVITY["last"] = time.monotonic()
+
+
+def wait_for_quiet() -> None:
+    """Return once nobody has interacted for QUIET_S seconds. On this 2-core machine any CPU
+    work beside the browser slows a click's answer several-fold whatever its priority (a
+    threshold move: 0.18 s without the export, 0.53 s during it; docs/performance.md)."""
+    while (idle := time.monotonic() - _ACTIVITY["last"]) < QUIET_S:
+        time.sleep(QUIET_S - idle)
+
+
+def interactive_fragment(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``st.fragment`` for the parts a click reruns; each run counts as activity."""
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        note_activity()
+        return function(*args, **kwargs)
+
+    return st.fragment(run)
+
+
 # ---------------------------------------------------------------------------------- models
 
 
@@ -217,10 +248,10 @@ def _model_slot(path: str, mtime: float, device: str) -> dict[str, Detector]:
     """The torch model at once; the ONNX Runtime one replaces it when ready.
 
     Exporting a graph the first time takes 10–60 s on a CPU: a user must not wait for it to see
-    the first image, nor find the pages slow meanwhile. The export runs in a child process at a
-    lower priority (rd.runtime.build_cache_process, which checks every output against torch
-    within 1e-5); a background thread waits for it and swaps the cached graph in. The stored
-    scores are the verdict either way.
+    the first image, nor find the pages slow meanwhile. A background thread waits for a quiet
+    moment (``wait_for_quiet``), then runs the export in a child process at idle priority
+    (rd.runtime.build_cache_process, which checks every output against torch within 1e-5) and
+    swaps the cached graph in. The stored scores are the verdict either way.
     """
     del mtime
     from rd.detector import load
@@ -232,6 +263,7 @@ def _model_slot(path: str, mtime: float, device: str) -> dict[str, Detector]:
 
     def upgrade() -> None:
         with contextlib.suppress(Exception):  # any failure: torch keeps serving
+            wait_for_quiet()
             export = build_cache_process(path)
             export.communicate()
             if export.returncode != 0:

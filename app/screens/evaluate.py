@@ -293,7 +293,7 @@ def _compare(chosen: state.Selection) -> None:
     st.caption("Thresholds are in each backbone's own score units, so only the curves compare.")
 
 
-@st.fragment
+@state.interactive_fragment
 def _at_threshold(chosen: state.Selection, report: dict[str, Any]) -> None:
     """Everything that depends on the threshold; moving it reruns this part alone."""
     labels, scores = _labels_scores(report)

@@ -202,7 +202,7 @@ def _sample_of(chosen: state.Selection, path: str) -> Sample | None:
     return next((s for s in state.test_samples(chosen) if str(s.path) == path), None)
 
 
-@st.fragment
+@state.interactive_fragment
 def _test_image_detail(chosen: state.Selection, found: state.Evaluation | None) -> None:
     """The open test image with next/previous; reruns alone when its own controls change."""
     path = st.session_state.get("inspect_item")
@@ -234,7 +234,7 @@ def _test_image_detail(chosen: state.Selection, found: state.Evaluation | None) 
           defect=sample.defect if sample else "test")
 
 
-@st.fragment
+@state.interactive_fragment
 def _browser(chosen: state.Selection, found: state.Evaluation | None,
              samples: list[Sample]) -> None:
     """The grid beside the open image's detail."""
@@ -307,7 +307,7 @@ def _upload_detail(chosen: state.Selection, detector, found: state.Evaluation | 
           defect="upload")
 
 
-@st.fragment
+@state.interactive_fragment
 def _uploads(chosen: state.Selection, detector, found: state.Evaluation | None) -> None:
     st.file_uploader("Images (PNG, JPEG, BMP, TIFF, WebP)", accept_multiple_files=True,
                      type=UPLOAD_TYPES, max_upload_size=state.MAX_UPLOAD_MB,

@@ -27,3 +27,38 @@ def test_first_image_does_not_wait_for_the_onnx_export(studio, tmp_path, monkeyp
     assert list(tmp_path.glob("model.*.onnx"))  # cached beside the checkpoint
     ours, theirs = now.predict([image]), first.predict([image])
     assert np.allclose(ours.fused, theirs.fused, atol=1e-5)
+
+
+def test_the_export_waits_until_nobody_clicked_for_a_while(monkeypatch):
+    """Any CPU work beside the browser slows a click's answer on 2 cores: the background export
+    starts only after QUIET_S seconds without a page or interactive fragment run."""
+    import threading
+
+    from app import state
+
+    monkeypatch.setattr(state, "QUIET_S", 0.5)
+    started: list[float] = []
+    state.note_activity()
+    waiter = threading.Thread(target=lambda: (state.wait_for_quiet(),
+                                              started.append(time.monotonic())))
+    waiter.start()
+    for _ in range(5):
+        time.sleep(0.2)
+        assert not started
+        state.note_activity()
+    last = time.monotonic()
+    waiter.join(timeout=10)
+    assert started and started[0] >= last + 0.45
+
+
+def test_a_page_run_counts_as_activity(studio):
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from app import state
+
+    before = state._ACTIVITY["last"]
+    app = Path(__file__).resolve().parents[2] / "app" / "main.py"
+    AppTest.from_file(str(app), default_timeout=120).run()
+    assert state._ACTIVITY["last"] > before
