@@ -35,3 +35,4 @@ try:
     navigation.run()
 finally:  # also when the page stops early (st.stop) or reruns
     sidebar.check_jobs_at_start()
+    state.complete_builtin_in_background(str(state.data_home()))

@@ -125,7 +125,7 @@ def draw() -> None:
         help="; ".join(f"{s.name}: {s.description}" for s in sources)))]
     _add_folder_form(names)
     try:
-        categories = list_categories(source.root)
+        categories = state.categories(source, complete=False)
     except DataError as error:
         st.sidebar.error(str(error))
         return
@@ -133,6 +133,11 @@ def draw() -> None:
         st.session_state["category"] = categories[0]
     category = st.sidebar.selectbox("Category", categories, key="category",
                                     on_change=_forget_category_state)
+    try:
+        state.ensure_category(source, category)
+    except (DataError, OSError) as error:
+        st.sidebar.error(f"Cannot prepare {category}: {error}")
+        return
     try:
         models = models_for(source.name, category)
     except ManifestError as error:

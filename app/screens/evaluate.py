@@ -21,7 +21,7 @@ from app.views.curves import (
     score_histogram,
     small_classes,
 )
-from rd.data import DataError, list_categories
+from rd.data import DataError
 from rd.errors import RDError
 from rd.manifest import ManifestError, ModelEntry, all_models, models_for
 
@@ -175,7 +175,7 @@ def _category_models(chosen: state.Selection) -> dict[str, ModelEntry]:
     """One model per category of the chosen data: the picked one for this category; for the
     others the best of the picked backbone, else the best of any."""
     try:
-        categories = list_categories(chosen.source.root)
+        categories = state.categories(chosen.source)
         models: dict[str, ModelEntry] = {}
         for category in categories:
             if category == chosen.category:

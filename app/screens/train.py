@@ -26,7 +26,7 @@ from rd import jobs
 from rd.adapt import ADAPT_MODES
 from rd.backbones import list_backbones
 from rd.checkpoints import CheckpointError, read_metadata
-from rd.data import DataError, list_categories
+from rd.data import DataError
 from rd.data.sources import DataSource
 from rd.devices import gpu_count
 from rd.errors import RDError
@@ -117,7 +117,7 @@ def _form() -> None:
         "Data", range(len(sources)), format_func=lambda i: names[i], key="train::source",
         index=_index(names, chosen.source.name if chosen else None))]
     try:
-        categories = list_categories(source.root)
+        categories = state.categories(source)
     except DataError as error:
         st.error(str(error))
         return

@@ -34,15 +34,18 @@ class DataSource:
     description: str
 
 
-def builtin_source() -> DataSource:
+def builtin_source(categories: Iterable[str] | None = None) -> DataSource:
+    """The built-in generated data; ``categories``: generate only those now (None: all)."""
     from rd.data.synthetic import ensure_builtin_dataset
 
-    return DataSource(BUILTIN, ensure_builtin_dataset(), "built-in generated parts (offline)")
+    return DataSource(BUILTIN, ensure_builtin_dataset(categories=categories),
+                      "built-in generated parts (offline)")
 
 
-def available_sources(extra_roots: dict[str, Path] | None = None) -> list[DataSource]:
+def available_sources(extra_roots: dict[str, Path] | None = None,
+                      builtin_categories: Iterable[str] | None = None) -> list[DataSource]:
     """The built-in source first, then the shared subset, $RD_MVTEC_ROOT and ``extra_roots``."""
-    sources = [builtin_source()]
+    sources = [builtin_source(builtin_categories)]
     if SHARED_SUBSET_ROOT.is_dir():
         sources.append(DataSource(SHARED_SUBSET, SHARED_SUBSET_ROOT,
                                   "real MVTec AD subset (CC BY-NC-SA 4.0)"))
