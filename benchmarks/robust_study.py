@@ -48,6 +48,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "bn": {"teacher_adapt": "bn"},
     "augment auto": {"augment": "auto"},
     "ssl": {"teacher_adapt": "ssl"},
+    # combinations of the options that won somewhere (round 3)
+    "bn + augment auto": {"teacher_adapt": "bn", "augment": "auto"},
+    "multiscale + augment auto": {"resize": "multiscale", "augment": "auto"},
     "preset robust": {"preset": "robust"},
 }
 TILE_SCALE = {"hazelnut": 0.5, "transistor": 0.5}
@@ -92,6 +95,9 @@ def config_for(row: str, dataset: str, epochs: int, seed: int) -> TrainConfig | 
                                 "tile_scale": TILE_SCALE.get(dataset, 1.0)})
     if row in ("letterbox", "tile", "multiscale") and dataset in {"hex_nut", "wood"}:
         return None  # 256² images: one squashed pass, bit for bit the paper's
+    if config.resize == "multiscale" and dataset in {"hex_nut", "wood"}:  # as above: the rest
+        config = TrainConfig(**{**config.to_dict(), "betas": config.betas, "resize": "squash",
+                                "tile_scale": 1.0})  # of the combination is another row's run
     if row == "letterbox" and dataset in SQUARE:
         return None  # square images: letterbox is squash
     return config
@@ -162,12 +168,13 @@ def table(work: Path) -> str:
     """Markdown tables of the results file: the overview and the per-defect results."""
     records = [json.loads(line) for line in (work / "results.jsonl").open()]
     by = {(r["row"], r["dataset"]): r for r in records}
-    for name, _, _ in DATASETS:  # the preset's row: the run with its recipe, under any row
-        config = config_for("preset robust", name, records[0]["epochs"], records[0]["seed"])
-        same = same_run(work / "results.jsonl", name, records[0]["seed"], config) if config \
-            else None
-        if same is not None:
-            by.setdefault(("preset robust", name), same)
+    for row in ROWS:  # a row whose recipe equals another row's (a preset): that run
+        for name, _, _ in DATASETS:
+            config = config_for(row, name, records[0]["epochs"], records[0]["seed"])
+            same = same_run(work / "results.jsonl", name, records[0]["seed"], config) if config \
+                else None
+            if same is not None:
+                by.setdefault((row, name), same)
     names = [d for d, _, _ in DATASETS]
     lines = ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
 
