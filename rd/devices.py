@@ -9,6 +9,7 @@ choosing it then fails with the message of ``rd.model.resolve_device``.)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 
@@ -31,8 +32,11 @@ def _driver_gpu_count() -> int:
 def gpu_count() -> int:
     """How many CUDA GPUs this process can use."""
     torch = sys.modules.get("torch")
-    if torch is not None:
-        return torch.cuda.device_count()
+    # Another thread may be importing torch right now (the studio loads a model in the
+    # background): a partly initialised module is not asked.
+    if torch is not None and not getattr(torch.__spec__, "_initializing", False):
+        with contextlib.suppress(AttributeError):
+            return torch.cuda.device_count()
     return _driver_gpu_count()
 
 

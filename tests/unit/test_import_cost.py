@@ -64,3 +64,17 @@ def test_resnet_weight_file_names_match_torchvision():
     for name in ("resnet18", "resnet50", "wide_resnet50_2"):
         url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
         assert get_backbone(name).weights_file == url.rsplit("/", 1)[-1]
+
+
+def test_device_choices_while_another_thread_imports_torch(monkeypatch):
+    """The sidebar asked a half-imported torch (a model loading in the background) and failed
+    with "partially initialized module 'torch' has no attribute 'cuda'"."""
+    import types
+
+    from rd.devices import device_choices
+
+    half = types.ModuleType("torch")  # what sys.modules holds while torch/__init__.py runs
+    monkeypatch.setitem(sys.modules, "torch", half)
+    assert device_choices()[0] == "cpu"
+    half.__spec__ = types.SimpleNamespace(_initializing=True)
+    assert device_choices()[0] == "cpu"

@@ -42,7 +42,7 @@ def test_remembered_folders_never_shadow_the_reserved_sources(tmp_path, monkeypa
     from rd.data import sources as module
 
     builtin = module.DataSource(module.BUILTIN, tmp_path / "generated", "built-in")
-    monkeypatch.setattr(module, "builtin_source", lambda: builtin)  # not generated here
+    monkeypatch.setattr(module, "builtin_source", lambda *_: builtin)  # not generated here
     sources = available_sources({"builtin": tmp_path, "../x": tmp_path, "mine": tmp_path})
     names = [s.name for s in sources]
     assert names.count("builtin") == 1 and "../x" not in names and "mine" in names

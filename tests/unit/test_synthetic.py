@@ -217,7 +217,8 @@ def test_data_home_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 def test_builtin_dataset_goes_to_data_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     made = []
     monkeypatch.setenv("RD_HOME", str(tmp_path))
-    monkeypatch.setattr(synthetic, "generate_dataset", lambda root: made.append(root) or root)
+    monkeypatch.setattr(synthetic, "generate_dataset",
+                        lambda root, categories=None: made.append(root) or root)
     assert ensure_builtin_dataset() == builtin_dataset_root() == tmp_path / "builtin"
     assert ensure_builtin_dataset(tmp_path / "elsewhere") == tmp_path / "elsewhere"
     assert made == [tmp_path / "builtin", tmp_path / "elsewhere"]
