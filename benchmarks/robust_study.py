@@ -164,15 +164,16 @@ def run(args: argparse.Namespace) -> None:
                   f"{train_seconds:.0f}s load {load_before}", flush=True)
 
 
-def table(work: Path) -> str:
-    """Markdown tables of the results file: the overview and the per-defect results."""
-    records = [json.loads(line) for line in (work / "results.jsonl").open()]
+def table(work: Path, seed: int) -> str:
+    """Markdown tables of the results file for one seed: the overview and the per-defect
+    results; then every run repeated with other seeds, seed by seed and their mean."""
+    everything = [json.loads(line) for line in (work / "results.jsonl").open()]
+    records = [r for r in everything if r["seed"] == seed]
     by = {(r["row"], r["dataset"]): r for r in records}
     for row in ROWS:  # a row whose recipe equals another row's (a preset): that run
         for name, _, _ in DATASETS:
-            config = config_for(row, name, records[0]["epochs"], records[0]["seed"])
-            same = same_run(work / "results.jsonl", name, records[0]["seed"], config) if config \
-                else None
+            config = config_for(row, name, records[0]["epochs"], seed)
+            same = same_run(work / "results.jsonl", name, seed, config) if config else None
             if same is not None:
                 by.setdefault((row, name), same)
     names = [d for d, _, _ in DATASETS]
@@ -188,7 +189,7 @@ def table(work: Path) -> str:
         cells = []
         for name in names:
             record = by.get((row, name))
-            if record is None and config_for(row, name, 1, 111) is None:
+            if record is None and config_for(row, name, 1, seed) is None:
                 cells.append("= paper")
             elif record is None and (row, name) in NOT_RUN:
                 cells.append("not run (CPU)")
@@ -209,7 +210,32 @@ def table(work: Path) -> str:
     for record in records:
         lines.append(f"| {record['row']} | {record['dataset']} | {record['train_seconds']} | "
                      f"{record['inference_seconds']} | {record['load_before']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + seeds_table(everything, by))
+
+
+def seeds_table(everything: list[dict[str, Any]], by: dict[tuple[str, str], Any]) -> list[str]:
+    """The runs made with more than one seed: each seed's numbers and their mean."""
+    def unseeded(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record["recipe"].items() if k != "seed"}
+
+    recipes: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for (row, name), record in by.items():
+        recipes[(row, name)] = [r for r in everything if r["dataset"] == name
+                                and unseeded(r) == unseeded(record)]
+    lines = ["", "| row | dataset | seeds | image AUROC | pixel AUROC | AU-PRO |",
+             "|---|---|---|---|---|---|"]
+    for (row, name), runs in recipes.items():
+        if len(runs) < 2:
+            continue
+        runs = sorted(runs, key=lambda r: r["seed"])
+        cells = []
+        for metric in ("image_auroc", "pixel_auroc", "au_pro"):
+            values = [r[metric] for r in runs]
+            cells.append(" / ".join(f"{v:.3f}" for v in values)
+                         + f" (mean {sum(values) / len(values):.3f})")
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {row} | {name} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -223,7 +249,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
     args = parser.parse_args()
     if args.table:
-        print(table(Path(args.work)))
+        print(table(Path(args.work), args.seed))
         return
     run(args)
 
