@@ -35,6 +35,7 @@ from rd.data import IMAGE_SUFFIXES, DataError, Preprocess, read_image
 from rd.detector import Detector, is_defective
 from rd.files import atomic_write
 from rd.outputs import check_outputs, mirrored_outputs
+from rd.results import ResultsStore, image_digest
 from rd.visualize import colorize, overlay
 
 FORMATS = ("csv", "jsonl")
@@ -119,11 +120,12 @@ def collect_inputs(entries: Sequence[str | Path], list_file: str | Path | None =
 class _ImageFiles(Dataset):
     """Decoded, preprocessed images; a file that cannot be read yields its error instead."""
 
-    def __init__(self, paths: Sequence[str], preprocess: Preprocess, native: bool = False
-                 ) -> None:
+    def __init__(self, paths: Sequence[str], preprocess: Preprocess, native: bool = False,
+                 digests: bool = False) -> None:
         self.paths = paths
         self.preprocess = preprocess
         self.native = native  # the decoded RGB pixels, for a letterbox or tile checkpoint
+        self.digests = digests  # each file's content hash, the results store's key
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -134,14 +136,17 @@ class _ImageFiles(Dataset):
         try:
             image = read_image(self.paths[index])
             tensor = np.asarray(image) if self.native else self.preprocess(image)
+            digest = image_digest(self.paths[index]) if self.digests else ""
             error = ""
             width, height = image.size
         except Exception as exc:  # any reader failure becomes this image's error row
             tensor = np.zeros((1, 1, 3), np.uint8) if self.native else torch.zeros(3, size, size)
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             width = height = 0
+            digest = ""
         return {"index": index, "image": tensor, "error": error, "width": width,
-                "height": height, "read_seconds": time.perf_counter() - started}
+                "height": height, "digest": digest,
+                "read_seconds": time.perf_counter() - started}
 
 
 def _pad(batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -300,8 +305,14 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
           threshold: float | None = None, save_maps: str = "none", maps_dir: Path | None = None,
           workers: int | None = None, progress: bool = True,
           print_row: Callable[[str], None] | None = None,
-          static_batches: bool = False, overwrite: bool = False) -> ScoringSummary:
+          static_batches: bool = False, overwrite: bool = False,
+          store: ResultsStore | None = None, model: str | None = None) -> ScoringSummary:
     """Score ``inputs`` with ``detector``, writing one row per image to ``out``.
+
+    With a results ``store`` and the checkpoint's SHA-256 as ``model``, an image scored before
+    under this model (by the studio, an evaluation or an earlier ``predict``) gets its stored
+    score, and new scores are stored: one score per image and model wherever it is shown, so
+    the verdict never differs by a rounding step between the studio and the command line.
 
     ``output_format`` is csv or jsonl (default: from the suffix of ``out``). Without ``out``
     each row goes to ``print_row`` (the command line prints it). ``threshold`` overrides the
@@ -311,6 +322,8 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
     last batch to the batch size (one shape for a compiled graph).
     """
     rank, world = init_distributed()
+    if (store is None) != (model is None):
+        raise ScoringError("a results store needs the model's SHA-256, and the other way round")
     if save_maps not in SAVE_MAPS:
         raise ScoringError(f"--save-maps takes one of {', '.join(SAVE_MAPS)}; got {save_maps!r}")
     if save_maps != "none" and maps_dir is None:
@@ -343,7 +356,7 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
     # A letterbox or tile checkpoint fits each image at its own size: one image per step.
     native = not detector.geometry.is_paper
     loader = DataLoader(_ImageFiles([inputs.paths[i] for i in todo], detector.preprocess,
-                                    native),
+                                    native, digests=store is not None),
                         batch_size=1 if native else detector.batch_size, num_workers=workers,
                         pin_memory=cuda, persistent_workers=False,
                         prefetch_factor=2 if workers else None)
@@ -367,6 +380,9 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
                 prediction = detector.predict_tensor(images)
                 scores = prediction.scores[:count].float().cpu().numpy()
                 fused = prediction.fused[:count]
+            if store is not None:
+                scores = _one_score_per_image(store, model, batch["digest"], batch["error"],
+                                              scores)
             share = (time.perf_counter() - model_started) / count
             for j in range(count):
                 path = inputs.paths[todo[int(batch["index"][j])]]
@@ -412,6 +428,19 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
         dist.barrier()
     return ScoringSummary(len(inputs.paths), len(done), scored, errors, defective, seconds,
                           first_error)
+
+
+def _one_score_per_image(store: ResultsStore, model: str, digests: Sequence[str],
+                         errors: Sequence[str], computed: Sequence[float]) -> list[float]:
+    """The batch's scores: the stored one where there is one, else the computed one, which is
+    stored (the first score stored for an image and model stays)."""
+    readable = {digest: float(value) for digest, error, value
+                in zip(digests, errors, computed, strict=True) if not error}
+    stored = store.scores(model, readable)
+    store.put_scores(model, {d: v for d, v in readable.items() if d not in stored},
+                     replace=False)
+    return [stored.get(digest, float(value)) if not error else 0.0
+            for digest, error, value in zip(digests, errors, computed, strict=True)]
 
 
 def merge_parts(out: Path, output_format: str, inputs: Inputs) -> None:

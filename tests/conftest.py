@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see rd/__init__.py
 # Commands and the app run the torch runtime in tests: the default (auto) would export every
 # tiny model to ONNX first (tens of seconds each). tests/unit/test_runtime.py covers that path.
 os.environ.setdefault("RD_RUNTIME", "torch")
+# No test writes the developer's own data home (models, results store, built-in data): a test
+# that needs a particular one sets RD_HOME itself.
+os.environ.setdefault("RD_HOME", tempfile.mkdtemp(prefix="rd-tests-home-"))
 
 from dataclasses import dataclass
 from pathlib import Path

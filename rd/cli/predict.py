@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from rd.cli.common import add_inference_options, inference_options
+from rd.files import file_sha256
+from rd.results import ResultsStore
 from rd.runtime import describe, load_runtime
 from rd.scoring import (
     SAVE_MAPS,
@@ -51,6 +53,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="image-decoding processes (0: decode in the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-store", action="store_true",
+                   help="neither read nor keep scores in the results store of the data home "
+                        "(by default an image scored before under this checkpoint, e.g. in "
+                        "the studio, gets that score: one score and verdict everywhere)")
     p.add_argument("--teacher-weights", type=Path)
     add_inference_options(p)
     p.set_defaults(func=cmd_predict)
@@ -84,7 +90,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     workers=args.workers,
                     progress=not args.quiet and rank == 0 and sys.stderr.isatty(),
                     print_row=print, static_batches=args.compile,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite,
+                    store=None if args.no_store else ResultsStore(),
+                    model=None if args.no_store else file_sha256(args.checkpoint))
     if summary.scored and summary.errors == summary.scored:
         raise ScoringError(f"no image could be read; the first: {summary.first_error}")
     if rank == 0:

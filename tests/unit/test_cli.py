@@ -158,7 +158,9 @@ def test_evaluate_without_legacy_pro_leaves_it_out(trained, tmp_path, capsys):
     assert "legacy_pro" not in json.loads((tmp_path / "r.json").read_text())
 
 
-def test_predict_prints_scores_and_writes_overlay_and_map(trained, tiny_mvtec, tmp_path, capsys):
+def test_predict_prints_scores_and_writes_overlay_and_map(trained, tiny_mvtec, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setenv("RD_HOME", str(tmp_path / "home"))
     checkpoint = trained[1]
     wide = tmp_path / "wide.png"  # not the model's size: the overlay keeps the image's own size
     Image.open(tiny_mvtec.root / "widget" / "test" / "hole" / "000.png").resize((100, 70)).save(
@@ -181,6 +183,18 @@ def test_predict_prints_scores_and_writes_overlay_and_map(trained, tiny_mvtec, t
             assert overlay.mode == "RGB" and overlay.size == size
         fused = np.load(written.with_suffix(".npy"))
         assert fused.dtype == np.float32 and fused.shape == (64, 64)
+    # the scores are kept in the data home's results store, the studio's one score per image
+    from rd.files import file_sha256
+    from rd.results import ResultsStore, image_digest
+
+    kept = ResultsStore(tmp_path / "home" / "results").scores(
+        file_sha256(checkpoint), [image_digest(wide), image_digest(good)])
+    printed = sorted(float(line.split("\t")[1]) for line in lines)  # 6 decimals
+    assert sorted(kept.values()) == pytest.approx(printed, abs=1e-6)
+    monkeypatch.setenv("RD_HOME", str(tmp_path / "other"))
+    rc, _, _ = run(capsys, "predict", "--checkpoint", checkpoint, good, "--device", "cpu",
+                   "--no-store")
+    assert rc == 0 and not (tmp_path / "other" / "results").exists()
 
 
 def test_info_of_checkpoint_prints_metadata(trained, capsys):

@@ -192,3 +192,30 @@ def test_letterbox_checkpoint_scores_each_image_at_its_own_size(tmp_path, folder
     for row in rows:
         assert row["verdict"] == "" and row["error"] is None  # no threshold stored
         assert abs(row["score"] - letterbox.detect(row["path"]).score) <= 1e-5
+
+
+def test_one_score_per_image_and_model_with_the_results_store(detector, folder, tmp_path):
+    """predict keeps each image's score in the store and, for an image scored before under the
+    same model (by the studio), prints that score and its verdict: one verdict everywhere."""
+    from rd.results import ResultsStore, image_digest
+
+    store, model = ResultsStore(tmp_path / "results"), "ab" * 32
+    inputs = collect_inputs([folder])
+    score(detector, inputs, tmp_path / "first.jsonl", workers=0, progress=False, store=store,
+          model=model)
+    rows = {r["path"]: r for r in read_rows(tmp_path / "first.jsonl", "jsonl")
+            if r["score"] is not None}
+    digests = {path: image_digest(path) for path in rows}
+    kept = store.scores(model, digests.values())
+    assert {path: kept[digests[path]] for path in rows} == pytest.approx(
+        {path: row["score"] for path, row in rows.items()})
+    studio_path = sorted(rows)[0]
+    store.put_scores(model, {digests[studio_path]: -1.0})  # the studio's score, below 0.0
+    score(detector, inputs, tmp_path / "second.jsonl", workers=0, progress=False,
+          store=store, model=model)
+    again = {r["path"]: r for r in read_rows(tmp_path / "second.jsonl", "jsonl")}
+    assert again[studio_path]["score"] == -1.0 and again[studio_path]["verdict"] == "normal"
+    assert all(again[path]["score"] == pytest.approx(row["score"])
+               for path, row in rows.items() if path != studio_path)
+    with pytest.raises(ScoringError, match="SHA-256"):
+        score(detector, inputs, tmp_path / "third.jsonl", store=store)
