@@ -84,6 +84,15 @@ def _check_key(value: str, what: str) -> str:
     return value
 
 
+def _score_rows(model: str, scores: Mapping[str, float]) -> list[tuple[str, str, float]]:
+    """Checked (model, image, score) rows: hex keys, finite scores."""
+    _check_key(model, "model")
+    rows = [(model, _check_key(image, "image"), float(score)) for image, score in scores.items()]
+    if not all(np.isfinite(score) for *_, score in rows):
+        raise ResultsError("a score is not a finite number: not stored")
+    return rows
+
+
 class ResultsStore:
     """Scores and reports under ``root`` (default: ``<data home>/results``)."""
 
@@ -124,14 +133,27 @@ class ResultsStore:
 
     def put_scores(self, model: str, scores: Mapping[str, float], replace: bool = True) -> None:
         """Store scores; with ``replace=False`` a score already stored is kept (first wins)."""
-        _check_key(model, "model")
-        rows = [(model, _check_key(image, "image"), float(score))
-                for image, score in scores.items()]
-        if not all(np.isfinite(score) for *_, score in rows):
-            raise ResultsError("a score is not a finite number: not stored")
+        rows = _score_rows(model, scores)
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         with self._database() as db:
             db.executemany(f"{verb} INTO scores (model, image, score) VALUES (?, ?, ?)", rows)
+
+    def keep_first(self, model: str, scores: Mapping[str, float]) -> dict[str, float]:
+        """Store the scores of images that have none under ``model`` and return every image's
+        stored score (the first one stored wins), in one transaction."""
+        rows = _score_rows(model, scores)
+        found: dict[str, float] = {}
+        with self._database() as db:
+            db.executemany("INSERT OR IGNORE INTO scores (model, image, score) VALUES (?, ?, ?)",
+                           rows)
+            images = list(scores)
+            for start in range(0, len(images), _QUERY_CHUNK):
+                chunk = images[start: start + _QUERY_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update(db.execute(
+                    f"SELECT image, score FROM scores WHERE model = ? AND image IN ({marks})",
+                    [model, *chunk]).fetchall())
+        return found
 
     def _report_path(self, model: str, testset: str) -> Path:
         return (self.root / _check_key(model, "model")

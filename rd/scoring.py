@@ -434,13 +434,11 @@ def _one_score_per_image(store: ResultsStore, model: str, digests: Sequence[str]
                          errors: Sequence[str], computed: Sequence[float]) -> list[float]:
     """The batch's scores: the stored one where there is one, else the computed one, which is
     stored (the first score stored for an image and model stays)."""
-    readable = {digest: float(value) for digest, error, value
-                in zip(digests, errors, computed, strict=True) if not error}
-    stored = store.scores(model, readable)
-    store.put_scores(model, {d: v for d, v in readable.items() if d not in stored},
-                     replace=False)
-    return [stored.get(digest, float(value)) if not error else 0.0
-            for digest, error, value in zip(digests, errors, computed, strict=True)]
+    stored = store.keep_first(model, {digest: float(value) for digest, error, value
+                                      in zip(digests, errors, computed, strict=True)
+                                      if not error})
+    return [stored[digest] if not error else 0.0
+            for digest, error in zip(digests, errors, strict=True)]
 
 
 def merge_parts(out: Path, output_format: str, inputs: Inputs) -> None:
