@@ -93,6 +93,18 @@ def _score_rows(model: str, scores: Mapping[str, float]) -> list[tuple[str, str,
     return rows
 
 
+def _select(db: sqlite3.Connection, model: str, images: list[str]) -> dict[str, float]:
+    """The stored scores of ``images`` under ``model``, queried in chunks."""
+    found: dict[str, float] = {}
+    for start in range(0, len(images), _QUERY_CHUNK):
+        chunk = images[start: start + _QUERY_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        found.update(db.execute(
+            f"SELECT image, score FROM scores WHERE model = ? AND image IN ({marks})",
+            [model, *chunk]).fetchall())
+    return found
+
+
 class ResultsStore:
     """Scores and reports under ``root`` (default: ``<data home>/results``)."""
 
@@ -119,17 +131,10 @@ class ResultsStore:
         left out."""
         _check_key(model, "model")
         wanted = list(dict.fromkeys(images))
-        found: dict[str, float] = {}
         if not wanted or not (self.root / "scores.sqlite").exists():
-            return found
+            return {}
         with self._database() as db:
-            for start in range(0, len(wanted), _QUERY_CHUNK):
-                chunk = wanted[start: start + _QUERY_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                found.update(db.execute(
-                    f"SELECT image, score FROM scores WHERE model = ? AND image IN ({marks})",
-                    [model, *chunk]).fetchall())
-        return found
+            return _select(db, model, wanted)
 
     def put_scores(self, model: str, scores: Mapping[str, float], replace: bool = True) -> None:
         """Store scores; with ``replace=False`` a score already stored is kept (first wins)."""
@@ -142,18 +147,10 @@ class ResultsStore:
         """Store the scores of images that have none under ``model`` and return every image's
         stored score (the first one stored wins), in one transaction."""
         rows = _score_rows(model, scores)
-        found: dict[str, float] = {}
         with self._database() as db:
             db.executemany("INSERT OR IGNORE INTO scores (model, image, score) VALUES (?, ?, ?)",
                            rows)
-            images = list(scores)
-            for start in range(0, len(images), _QUERY_CHUNK):
-                chunk = images[start: start + _QUERY_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                found.update(db.execute(
-                    f"SELECT image, score FROM scores WHERE model = ? AND image IN ({marks})",
-                    [model, *chunk]).fetchall())
-        return found
+            return _select(db, model, list(scores))
 
     def _report_path(self, model: str, testset: str) -> Path:
         return (self.root / _check_key(model, "model")
