@@ -67,16 +67,6 @@ def _step(offset: int) -> None:
     st.session_state.inspect_item = order[(index + offset) % len(order)]
 
 
-def _with_neighbours(path: str) -> list[str]:
-    """``path``, then the images next/previous would open (the grid's order, wrapping)."""
-    order = st.session_state.get(ORDER) or []
-    if path not in order or len(order) < 2:
-        return [path]
-    index = order.index(path)
-    return list(dict.fromkeys([path, order[(index + 1) % len(order)],
-                               order[index - 1]]))
-
-
 def _filtered(chosen: state.Selection, samples: list[Sample], scores: dict[str, float]
               ) -> list[Sample]:
     defects = sorted({s.defect for s in samples})
@@ -236,9 +226,7 @@ def _test_image_detail(chosen: state.Selection, found: state.Evaluation | None) 
             _show_without_model(title, image, mask)
             return
         _, detector = state.require_model()  # cached: loaded once, after the grid is drawn
-        # the neighbours' maps in the same batch: next/previous then only draw
-        detection = state.detect_many(chosen, detector,
-                                      [Path(p) for p in _with_neighbours(path)])[0]
+        detection = state.detect(chosen, detector, Path(path))
     except (DataError, OSError) as error:
         st.error(f"Cannot show this image: {error}")
         return

@@ -106,22 +106,6 @@ def test_next_and_previous_walk_the_grid_and_keep_it(studio):
     assert [b.key for b in at.button if b.key and b.key.startswith("open::")] == opens
 
 
-def test_opening_an_image_computes_its_neighbours_maps_too(studio):
-    """Next/previous only draw: the open image's neighbours are computed in its batch."""
-    from app import state
-    from rd.results import image_digest
-
-    at = _app(studio)
-    opens = [b.key.removeprefix("open::") for b in at.button
-             if b.key and b.key.startswith("open::")]
-    cache, _ = state._maps_cache()
-    cache.clear()
-    at.button(key=f"open::{opens[1]}").click().run()
-    assert not at.exception
-    cached = {key[2] for key in cache}
-    assert {image_digest(p) for p in opens[:3]} <= cached
-
-
 def _scored(at: AppTest) -> bool:
     return any(c.endswith(("⚠", "✓")) for image in at.get("image") for c in image.captions)
 
