@@ -14,7 +14,7 @@ are timed ``--repeats`` times and reported by their median.
     python -m benchmarks.browser [--quick] [--home DIR] [--repeats N] [--beside-job]
 
 ``--beside-job`` measures the same with a training job running, started as the Train page
-starts one (``rd.jobs``: its own process at the jobs' CPU priority, ``$RD_JOBS_NICENESS``):
+starts one (``rd.jobs``: its own process at the jobs' CPU priority, ``$RD_JOBS_PRIORITY``):
 300 epochs of Lite0 on built-in wood, cancelled at the end.
 """
 

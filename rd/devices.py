@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
 
 CUDA_DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
 
 
+@functools.cache  # asked on every page run of the studio: the driver is loaded once
 def _driver_gpu_count() -> int:
     for name in CUDA_DRIVER_LIBRARIES:
         try:

@@ -22,7 +22,7 @@ import torch
 
 from rd.detector import CPU_CHUNK, DetectionError, Detector, load
 from rd.errors import RDError
-from rd.files import data_home
+from rd.files import data_home, file_sha256
 from rd.model import Prediction
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -52,19 +52,11 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def _checkpoint_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_key(checkpoint: Path, detector: Detector) -> str:
     """SHA-256 of the checkpoint plus everything else the exported graph depends on."""
     from rd.export import DEFAULT_OPSET
 
-    parts = {"checkpoint": _checkpoint_sha256(checkpoint), "version": CACHE_VERSION,
+    parts = {"checkpoint": file_sha256(checkpoint), "version": CACHE_VERSION,
              "teacher": getattr(detector.model.teacher, "weights_id", ""),
              "torch": torch.__version__.split("+")[0], "opset": DEFAULT_OPSET}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
