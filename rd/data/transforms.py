@@ -41,11 +41,19 @@ class Preprocess:
 
     def __call__(self, image: ImageSource) -> torch.Tensor:
         """Return a float32 (3, size, size) tensor from anything read_image accepts."""
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image: ImageSource) -> torch.Tensor:
+        """The resized 8-bit RGB pixels, (size, size, 3) uint8: a quarter of the float tensor's
+        bytes, so a decoding worker hands batches over cheaply (``normalize`` finishes them)."""
         rgb = read_image(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
-        tensor = pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., size, size, 3) pixels -> float32 (..., 3, size, size), normalised."""
+        tensor = pixels.movedim(-1, -3).to(torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
         return tensor.sub_(mean).div_(std)
 
     def to_dict(self) -> dict[str, Any]:

@@ -524,6 +524,20 @@ def test_preprocess_resize_matches_pil_bilinear() -> None:
     assert torch.equal(tensor, torch.from_numpy(expected).permute(2, 0, 1).float() / 255)
 
 
+def test_preprocess_pixels_then_normalize_is_the_same_tensor() -> None:
+    """Decoding workers hand over uint8 pixels and the batch is normalised later: bit for bit
+    what the one-step path gives, for one image and a batch."""
+    preprocess = Preprocess(size=16)
+    images = [np.random.default_rng(seed).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+              for seed in range(3)]
+    pixels = torch.stack([preprocess.pixels(image) for image in images])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16, 3)
+    batch = preprocess.normalize(pixels)
+    for index, image in enumerate(images):
+        assert torch.equal(batch[index], preprocess(image))
+        assert torch.equal(preprocess.normalize(pixels[index]), preprocess(image))
+
+
 def test_preprocess_dict_round_trip() -> None:
     preprocess = Preprocess(size=128, mean=HALF, std=HALF)
     stored = preprocess.to_dict()

@@ -56,6 +56,21 @@ def test_onnxruntime_maps_equal_torch_within_1e5(checkpoint):
             assert difference <= 1e-5, (name, n, difference)
 
 
+def test_chunks_side_by_side_equal_one_after_another(checkpoint, monkeypatch):
+    """A batch of several chunks runs them in parallel single-threaded runs: bit-identical to
+    running them one after another in the multi-threaded session."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    detector, _ = runtime.load_runtime(checkpoint, "cpu")
+    assert detector.threads == 2
+    batch = torch.randn(9, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
+    side_by_side = detector.predict_tensor(batch)
+    assert detector._single_thread_session is not None  # the parallel path ran
+    detector.threads = 1  # one chunk after another in the 2-thread session
+    sequential = detector.predict_tensor(batch)
+    for name in ("layer_maps", "fused", "scores"):
+        assert torch.equal(getattr(side_by_side, name), getattr(sequential, name)), name
+
+
 def test_export_is_cached_by_checkpoint_hash(checkpoint, monkeypatch):
     first, _ = runtime.load_runtime(checkpoint, "cpu")  # the cache exists after this
     calls = _count_exports(monkeypatch, first.onnx_path)

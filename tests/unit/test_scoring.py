@@ -87,6 +87,28 @@ def test_csv_rows_scores_errors_and_verdicts(detector, folder, tmp_path):
     assert out.read_text().splitlines()[0] == ",".join(COLUMNS)
 
 
+def test_a_model_failure_stops_after_the_rows_before_it(checkpoint, folder, tmp_path,
+                                                        monkeypatch):
+    """The model runs in its own thread, a batch ahead of the rows being written: its error
+    still reaches the caller, and every batch before it is in the output."""
+    failing = load(checkpoint, "cpu")
+    failing.batch_size = 4
+    calls = []
+    predict_tensor = failing.predict_tensor
+
+    def second_batch_fails(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return predict_tensor(batch)
+
+    monkeypatch.setattr(failing, "predict_tensor", second_batch_fails)
+    out = tmp_path / "scores.csv"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        score(failing, collect_inputs([folder]), out, workers=0, progress=False)
+    assert len(read_rows(out, "csv")) == 4  # the first batch's rows, flushed
+
+
 def test_jsonl_threshold_override_and_no_overwrite(detector, folder, tmp_path):
     inputs = collect_inputs([folder / "a"])
     out = tmp_path / "scores.jsonl"
