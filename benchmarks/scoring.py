@@ -177,10 +177,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"machine": machine(torch.device("cpu")), "count": args.count,
                                "size": args.size, "backbone": BACKBONE}
-    throughput, runtime = model_throughput(checkpoint, args.size, 16, 5)
-    results["model"] = {"images_per_s": throughput, "runtime": runtime, "batch": 16}
+    # The model alone before and after the folder runs; their mean is the share's reference
+    # (a shared machine's speed drifts during the minutes between).
+    before, runtime = model_throughput(checkpoint, args.size, 16, 9)
     small = run_predict(checkpoint, ["--list", str(tenth)], args.data / "tenth.csv")
     full = run_predict(checkpoint, [str(images)], args.data / "all.csv")
+    after, _ = model_throughput(checkpoint, args.size, 16, 9)
+    throughput = (before + after) / 2
+    results["model"] = {"images_per_s": throughput, "before": before, "after": after,
+                        "runtime": runtime, "batch": 16}
     victim, total = (([str(images)], args.count) if args.kill_whole
                      else (["--list", str(tenth)], args.count // 10))
     killed = run_predict(checkpoint, victim, args.data / "killed.csv",
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                   (r["images_per_s"] or 0) / throughput, r["main_peak_mib"], r["tree_peak_mib"]]
                  for name, r in (("1/10 of the folder", small), ("whole folder", full),
                                  ("resumed after kill -9", resumed))])
-    print(f"\nmodel alone (batch 16, in memory): {throughput:.1f} images/s; peak RSS "
+    print(f"\nmodel alone (batch 16, in memory): {throughput:.1f} images/s (before {before:.1f}, "
+          f"after {after:.1f}); peak RSS "
           f"whole/tenth: {full['main_peak_mib'] / small['main_peak_mib']:.3f}; kill -9 after "
           f"{killed['seconds']:.0f} s with {rows_at_kill} complete rows, resume: "
           f"{results['resume']}")

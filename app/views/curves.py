@@ -69,10 +69,9 @@ def operating_point(roc: Mapping[str, Sequence[float]], threshold: float) -> dic
             "threshold": float(threshold)}
 
 
-def _marker(point: Mapping[str, float], name: str, colour: str, legend: bool = True
-            ) -> go.Scatter:
+def _marker(point: Mapping[str, float], name: str, colour: str) -> go.Scatter:
     return go.Scatter(x=[point["fpr"]], y=[point["tpr"]], customdata=[point["threshold"]],
-                      mode="markers", name=name, showlegend=legend,
+                      mode="markers", name=name,
                       hovertemplate=ROC_HOVER + f"<extra>{name}</extra>",
                       marker={"size": 13, "color": colour, "symbol": "circle",
                               "line": {"width": 2, "color": "white"}})
@@ -80,13 +79,10 @@ def _marker(point: Mapping[str, float], name: str, colour: str, legend: bool = T
 
 def roc_figure(curves: Mapping[str, Mapping[str, Sequence[float]]],
                operating_point: Mapping[str, float] | None = None,
-               curve_points: Mapping[str, Mapping[str, float]] | None = None,
                title: str = "") -> go.Figure:
     """ROC curves overlaid on one plot; hovering a point shows its threshold, TPR and FPR.
 
-    ``operating_point`` ({fpr, tpr, threshold}) is drawn as one dark marker;
-    ``curve_points`` (curve name → point) as markers in their curve's colour, for curves that
-    share a threshold but land at different places (per defect type).
+    ``operating_point`` ({fpr, tpr, threshold}) is drawn as one dark marker.
     """
     figure = go.Figure()
     figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
@@ -98,9 +94,6 @@ def roc_figure(curves: Mapping[str, Mapping[str, Sequence[float]]],
             x=list(roc["fpr"]), y=list(roc["tpr"]), customdata=list(roc["thresholds"]),
             mode="lines", name=name, line={"color": colours[name], "width": 2},
             hovertemplate=ROC_HOVER + f"<extra>{name}</extra>"))
-    for name, point in (curve_points or {}).items():
-        figure.add_trace(_marker(point, f"{name} @ threshold", colours.get(name, "#444444"),
-                                 legend=False))
     if operating_point is not None:
         figure.add_trace(_marker(operating_point, "operating point", THRESHOLD_COLOUR))
     figure.update_layout(

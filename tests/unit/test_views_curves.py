@@ -74,8 +74,7 @@ def test_roc_figure_holds_each_curve_its_thresholds_and_the_operating_point():
                         "thresholds": [3.0, 1.5, 0.1]},
               "scratch": {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0], "thresholds": [3.0, 0.1]}}
     point = {"fpr": 0.2, "tpr": 0.9, "threshold": 1.5}
-    figure = roc_figure(curves, operating_point=point,
-                        curve_points={"scratch": {"fpr": 0.5, "tpr": 0.5, "threshold": 1.5}})
+    figure = roc_figure(curves, operating_point=point)
     by_name = {trace.name: trace for trace in figure.data}
     image = by_name["image"]
     assert list(image.x) == [0.0, 0.2, 1.0] and list(image.y) == [0.0, 0.9, 1.0]
@@ -85,8 +84,6 @@ def test_roc_figure_holds_each_curve_its_thresholds_and_the_operating_point():
     marker = by_name["operating point"]
     assert (marker.x[0], marker.y[0], marker.customdata[0]) == (0.2, 0.9, 1.5)
     assert "threshold %{customdata" in marker.hovertemplate
-    scratch_marker = by_name["scratch @ threshold"]
-    assert scratch_marker.marker.color == by_name["scratch"].line.color
     assert "operating point" not in {t.name for t in roc_figure(curves).data}
 
 
