@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
+from rd.lazy import lazy_module
 from rd.visualize import colorize
+
+ndimage = lazy_module("scipy.ndimage")  # 0.25 s to import: not before the first page
 
 COLOUR_MODES = {
     "absolute": "One fixed range for the whole category (0 to the highest test score): the "

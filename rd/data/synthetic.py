@@ -31,11 +31,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import fft, ndimage
 
 from rd.data.images import DataError
 from rd.data.mvtec import GOOD
 from rd.files import data_home
+from rd.lazy import lazy_module
+
+# scipy costs 0.25 s to import; only rendering needs it, not the studio's first page
+fft = lazy_module("scipy.fft")
+ndimage = lazy_module("scipy.ndimage")
 
 _GENERATOR = "rd.data.synthetic"
 GENERATOR_VERSION = 1  # bump whenever rendering changes: older datasets then regenerate
