@@ -50,6 +50,7 @@ TRAIN_PAGE = "screens/train.py"
 POLL_S = 1.0  # how often a page waiting for results looks again
 BUILTIN_CATEGORIES = tuple(sorted(SYNTHETIC_CATEGORIES))
 QUIET_S = 5.0  # background CPU work (the ONNX export) waits until nobody clicked for this long
+PRELOAD_QUIET_S = 1.0  # a model needed soon (preload_model) waits this long only
 _ACTIVITY = {"last": time.monotonic()}
 
 
@@ -204,6 +205,33 @@ def require_model() -> tuple[Selection, Detector]:
 
 
 @st.cache_data(show_spinner="Checking the model file…", max_entries=64)
+def preload_model(chosen: Selection) -> None:
+    """Load the selected model in a background thread once the page has been quiet for
+    PRELOAD_QUIET_S (once per model and device): importing torch holds the interpreter for
+    seconds after a restart, and done in the page's run it delayed the thumbnails the browser
+    was fetching from this server; done later, opening an image finds the model loaded. A
+    failure is left to ``require_model``, which shows it when the model is needed."""
+    entry, device = chosen.entry, chosen.device
+    with _PRELOADS_LOCK:
+        if entry is None or (entry.sha256, device) in _PRELOADS:
+            return
+        _PRELOADS.add((entry.sha256, device))
+
+    def load() -> None:
+        wait_for_quiet(PRELOAD_QUIET_S)
+        with contextlib.suppress(RDError, OSError, ValueError):
+            stat = entry.path.stat()
+            path = _verified(str(entry.path), entry.sha256, stat.st_mtime_ns, stat.st_size,
+                             entry)
+            load_model(path, Path(path).stat().st_mtime, device)
+
+    threading.Thread(target=load, name="rd-preload-model", daemon=True).start()
+
+
+_PRELOADS: set[tuple[str, str]] = set()
+_PRELOADS_LOCK = threading.Lock()
+
+
 def _verified(path: str, sha256: str, mtime_ns: int, size: int, _entry: ModelEntry) -> str:
     """``entry.verify()`` once per file version (hashing a large checkpoint at every rerun
     would slow every click); a failure is not cached, so it is checked again."""
@@ -251,12 +279,13 @@ def note_activity() -> None:
     _ACTIVITY["last"] = time.monotonic()
 
 
-def wait_for_quiet() -> None:
-    """Return once nobody has interacted for QUIET_S seconds. On this 2-core machine any CPU
-    work beside the browser slows a click's answer several-fold whatever its priority (a
-    threshold move: 0.18 s without the export, 0.53 s during it; docs/performance.md)."""
-    while (idle := time.monotonic() - _ACTIVITY["last"]) < QUIET_S:
-        time.sleep(QUIET_S - idle)
+def wait_for_quiet(seconds: float | None = None) -> None:
+    """Return once nobody has interacted for ``seconds`` (default QUIET_S). On this 2-core
+    machine any CPU work beside the browser slows a click's answer several-fold whatever its
+    priority (a threshold move: 0.18 s without the export, 0.53 s during it;
+    docs/performance.md)."""
+    while (idle := time.monotonic() - _ACTIVITY["last"]) < (quiet := seconds or QUIET_S):
+        time.sleep(quiet - idle)
 
 
 def interactive_fragment(function: Callable[..., Any]) -> Callable[..., Any]:

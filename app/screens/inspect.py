@@ -389,8 +389,12 @@ def main() -> None:
         state.current_threshold(chosen, None, found.report)  # the grid's badges need no model
     _browser(chosen, found, shown)
     if chosen.entry is not None and detector is None:
-        # the thumbnails are on screen: load the model now, so opening an image does not wait
-        _load_model(header, chosen, found)
+        state.preload_model(chosen)  # after the thumbnails, so that opening one does not wait
+        report = found.report if found else None
+        threshold = (f" · threshold {state.current_threshold(chosen, None, report):.4f}"
+                     if report else "")
+        header.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone}"
+                       f"{threshold}")
     if found and found.report:
         images = found.report["images"]
         st.download_button("Scores of the test images (CSV)", lambda: _csv(images),

@@ -1,4 +1,5 @@
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,35 @@ def test_stored_scores_show_the_grid_before_the_model_is_loaded(studio, rerun_un
 
     monkeypatch.setattr(state, "load_model", cannot_load)
     at.run()
-    assert "cannot load (test)" in at.error[0].value
+    assert not at.error  # the grid neither waits for the model nor stops at its failure
     assert _scored(at)
-    assert [b for b in at.button if b.key and b.key.startswith("open::")]
+    opens = [b for b in at.button if b.key and b.key.startswith("open::")]
+    opens[0].click().run()
+    assert "cannot load (test)" in at.error[0].value  # said where the model is needed
+
+
+def test_the_model_loads_in_the_background_once_the_page_is_quiet(studio, rerun_until,
+                                                                  monkeypatch):
+    """After the grid, the model is loaded by a background thread (not in the page's run,
+    where importing torch delayed the thumbnails), so the first image opens without waiting."""
+    import threading
+
+    from app import state
+
+    at = rerun_until(_app(studio), _scored)
+    loaded = threading.Event()
+    calls: list[tuple] = []
+
+    def record(*args):
+        calls.append(threading.current_thread().name)
+        loaded.set()
+
+    monkeypatch.setattr(state, "load_model", record)
+    monkeypatch.setattr(state, "PRELOAD_QUIET_S", 0.1)
+    state._PRELOADS.clear()
+    at.run()
+    assert loaded.wait(10)
+    assert calls == ["rd-preload-model"]
+    at.run()  # once per model and device
+    time.sleep(0.5)
+    assert calls == ["rd-preload-model"]
