@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -141,23 +142,26 @@ def show_maps(pictures: DetailPictures, caption_fused: str = "fused heat map",
     the fused map on the second; the colour bar under them."""
     import streamlit as st
 
+    def show(where: Any, picture: np.ndarray, caption: str, width: str = "stretch") -> None:
+        # PNG said outright: left to "auto", Streamlit decodes the PNG and re-encodes it as a
+        # JPEG (quality 90), which smears the heat maps' colours and costs time on every image
+        where.image(png_bytes(picture), caption=caption, output_format="PNG", width=width)
+
     first = st.columns(3)
-    first[0].image(png_bytes(pictures.base), caption="input", width="stretch")
+    show(first[0], pictures.base, "input")
     if pictures.mask is not None:
-        first[1].image(png_bytes(pictures.mask.astype(np.uint8) * 255), caption="ground truth",
-                       width="stretch")
+        show(first[1], pictures.mask.astype(np.uint8) * 255, "ground truth")
     elif truth:
         first[1].info("No ground-truth mask for this image.")
-    first[2].image(png_bytes(pictures.overlay), caption="overlay", width="stretch")
+    show(first[2], pictures.overlay, "overlay")
     st.markdown("**Teacher–student disagreement, layer by layer** (1 − cosine, before "
                 "smoothing) **and fused** (sum of the three, Gaussian σ = 4)")
     second = st.columns(4)
     for column, layer, title in zip(second[:3], pictures.layers, LAYER_NAMES, strict=True):
-        column.image(png_bytes(layer), caption=title, width="stretch")
-    second[3].image(png_bytes(pictures.heat), caption=caption_fused, width="stretch")
-    st.image(png_bytes(pictures.bar),
-             caption=f"fused scale {pictures.vmin:.3f} → {pictures.vmax:.3f} "
-                     "(layer maps: a third of it)")
+        show(column, layer, title)
+    show(second[3], pictures.heat, caption_fused)
+    show(st, pictures.bar, f"fused scale {pictures.vmin:.3f} → {pictures.vmax:.3f} "
+                           "(layer maps: a third of it)", width="content")
 
 
 def show_verdict(columns: list, score: float, threshold: float, verdict: str) -> None:

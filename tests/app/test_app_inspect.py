@@ -107,6 +107,18 @@ def test_next_and_previous_walk_the_grid_and_keep_it(studio):
     assert [b.key for b in at.button if b.key and b.key.startswith("open::")] == opens
 
 
+def test_maps_reach_the_browser_as_png(studio):
+    """The detail's pictures are PNG files: Streamlit, left to choose, re-encoded them as
+    JPEG (smeared heat-map colours, and time spent on every image)."""
+    at = _app(studio)
+    opens = [b.key for b in at.button if b.key and b.key.startswith("open::")]
+    at.button(key=opens[0]).click().run()
+    urls = {image.caption: image.url for element in at.get("image")
+            for image in element.proto.imgs}
+    for caption in ("input", "overlay", "layer 1 · stride 4", "fused heat map"):
+        assert urls[caption].endswith(".png"), (caption, urls[caption])
+
+
 def _scored(at: AppTest) -> bool:
     return any(c.endswith(("⚠", "✓")) for image in at.get("image") for c in image.captions)
 
