@@ -426,8 +426,41 @@ def detect_many(chosen: Selection, detector: Detector,
 def detect(chosen: Selection, detector: Detector, image: Path | str | bytes | np.ndarray |
            Image.Image, name: str = "upload") -> ImageDetection:
     """The detection of one image (a test image's path, an upload's bytes with its file
-    ``name``, or pixels): ``detect_many`` of one."""
+    ``name``, or pixels): ``detect_many`` of one. An image being prefetched is waited for,
+    not computed a second time."""
+    if isinstance(image, str | Path) and (pending := _PREFETCHING.get(str(image))):
+        pending.wait(PREFETCH_WAIT_S)
     return detect_many(chosen, detector, [image], name)[0]
+
+
+def prefetch(chosen: Selection, detector: Detector, paths: list[str]) -> None:
+    """Compute the maps of ``paths`` (the open image's neighbours in the grid) in a background
+    thread, so that Next and Previous find them in memory. Errors are left to the page that
+    shows the image."""
+    with _PREFETCH_LOCK:
+        wanted = [path for path in dict.fromkeys(paths) if path not in _PREFETCHING]
+        for path in wanted:
+            _PREFETCHING[path] = threading.Event()
+    if not wanted:
+        return
+    home = data_home()
+
+    def compute() -> None:
+        try:
+            with contextlib.suppress(RDError, OSError, ValueError):
+                if data_home() == home:  # the same results store as the page's
+                    detect_many(chosen, detector, wanted)
+        finally:
+            with _PREFETCH_LOCK:
+                for path in wanted:
+                    _PREFETCHING.pop(path).set()
+
+    threading.Thread(target=compute, name="rd-prefetch", daemon=True).start()
+
+
+_PREFETCHING: dict[str, threading.Event] = {}  # path -> set once its prefetch has ended
+_PREFETCH_LOCK = threading.Lock()
+PREFETCH_WAIT_S = 10.0
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -231,6 +231,11 @@ def _test_image_detail(chosen: state.Selection, found: state.Evaluation | None) 
         return
     _show(chosen, detector, found, title=title, image=image, detection=detection, mask=mask,
           defect=sample.defect if sample else "test")
+    order = st.session_state.get(ORDER) or []
+    if path in order:  # Next and Previous then find their maps computed
+        index = order.index(path)
+        state.prefetch(chosen, detector, [order[(index + 1) % len(order)],
+                                          order[(index - 1) % len(order)]])
 
 
 @state.interactive_fragment

@@ -1,4 +1,5 @@
 import io
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +106,41 @@ def test_next_and_previous_walk_the_grid_and_keep_it(studio):
     at.button(key="inspect_previous").click().run()  # wraps to the last image of the grid
     assert at.subheader[0].value == "/".join(Path(opens[-1].removeprefix("open::")).parts[-2:])
     assert [b.key for b in at.button if b.key and b.key.startswith("open::")] == opens
+
+
+def test_the_neighbours_maps_are_ready_before_next_is_pressed(studio, monkeypatch):
+    """Opening an image computes its grid neighbours' maps in the background; Next then shows
+    maps already in memory (no model call in its run)."""
+    from app import state
+
+    at = _app(studio)
+    opens = [b.key for b in at.button if b.key and b.key.startswith("open::")]
+    at.button(key=opens[1]).click().run()
+    neighbours = [key.removeprefix("open::") for key in (opens[2], opens[0])]
+    deadline = time.monotonic() + 30
+    while any(path in state._PREFETCHING for path in neighbours) or not all(
+            _in_memory(state, path) for path in neighbours):
+        assert time.monotonic() < deadline, "the neighbours were not prefetched"
+        time.sleep(0.05)
+    calls = []
+    predict = state.predict
+
+    def counted(*args):
+        calls.append(threading.current_thread().name)
+        return predict(*args)
+
+    monkeypatch.setattr(state, "predict", counted)
+    at.button(key="inspect_next").click().run()
+    assert at.subheader[0].value == "/".join(Path(neighbours[0]).parts[-2:])
+    assert all(name == "rd-prefetch" for name in calls)  # only the next neighbours
+
+
+def _in_memory(state, path: str) -> bool:
+    from rd.results import image_digest
+
+    cache, lock = state._maps_cache()
+    with lock:
+        return any(key[2] == image_digest(path) for key in cache)
 
 
 def test_maps_reach_the_browser_as_png(studio):
