@@ -204,7 +204,6 @@ def require_model() -> tuple[Selection, Detector]:
     return chosen, detector
 
 
-@st.cache_data(show_spinner="Checking the model file…", max_entries=64)
 def preload_model(chosen: Selection) -> None:
     """Load the selected model in a background thread once the page has been quiet for
     PRELOAD_QUIET_S (once per model and device): importing torch holds the interpreter for
@@ -232,6 +231,7 @@ _PRELOADS: set[tuple[str, str]] = set()
 _PRELOADS_LOCK = threading.Lock()
 
 
+@st.cache_data(show_spinner="Checking the model file…", max_entries=64)
 def _verified(path: str, sha256: str, mtime_ns: int, size: int, _entry: ModelEntry) -> str:
     """``entry.verify()`` once per file version (hashing a large checkpoint at every rerun
     would slow every click); a failure is not cached, so it is checked again."""

@@ -135,6 +135,23 @@ def test_the_neighbours_maps_are_ready_before_next_is_pressed(studio, monkeypatc
     assert all(name == "rd-prefetch" for name in calls)  # only the next neighbours
 
 
+def test_the_checkpoint_is_hashed_once_not_at_every_click(studio, monkeypatch):
+    """Verifying the model file (its SHA-256) is remembered per file version: next and
+    previous do not hash the checkpoint again."""
+    from rd.manifest import ModelEntry
+
+    hashed = []
+    verify = ModelEntry.verify
+    monkeypatch.setattr(ModelEntry, "verify", lambda self: hashed.append(1) or verify(self))
+    at = _app(studio)
+    opens = [b.key for b in at.button if b.key and b.key.startswith("open::")]
+    at.button(key=opens[0]).click().run()
+    for _ in range(3):
+        at.button(key="inspect_next").click().run()
+    assert not at.exception
+    assert len(hashed) <= 1
+
+
 def _in_memory(state, path: str) -> bool:
     from rd.results import image_digest
 
