@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -185,12 +186,14 @@ class OnnxDetector(Detector):
         self.threads = int(session.get_session_options().intra_op_num_threads)
         self._single_thread_session = None  # made at the first batch of several chunks
         self._pool: ThreadPoolExecutor | None = None
+        self._made = threading.Lock()  # the studio's sessions share one detector
 
     def _side_by_side(self):
-        if self._pool is None:
-            self._single_thread_session = open_session(self.onnx_path, threads=1)
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rd-onnx")
-            weakref.finalize(self, self._pool.shutdown, wait=False)
+        with self._made:
+            if self._pool is None:
+                self._single_thread_session = open_session(self.onnx_path, threads=1)
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rd-onnx")
+                weakref.finalize(self, self._pool.shutdown, wait=False)
         return self._single_thread_session, self._pool
 
     @torch.no_grad()

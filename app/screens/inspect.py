@@ -340,9 +340,16 @@ def _load_model(header, chosen: state.Selection, found: state.Evaluation | None
     with header:
         chosen, detector = state.require_model()
         threshold = state.current_threshold(chosen, detector, found.report if found else None)
-        st.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone} · "
-                   f"{detector.image_size} px · threshold {threshold:.4f}")
+        st.caption(_model_caption(chosen, threshold, detector.image_size))
     return chosen, detector
+
+
+def _model_caption(chosen: state.Selection, threshold: float | None, size: int | None = None
+                   ) -> str:
+    """Which model the page uses: data, category, backbone (input size, threshold if known)."""
+    known = ([f"{size} px"] if size else []) + (
+        [f"threshold {threshold:.4f}"] if threshold is not None else [])
+    return " · ".join([f"{chosen.source.name} / {chosen.category}", chosen.backbone, *known])
 
 
 def _csv(rows: list[dict[str, Any]]) -> bytes:
@@ -396,10 +403,8 @@ def main() -> None:
     if chosen.entry is not None and detector is None:
         state.preload_model(chosen)  # after the thumbnails, so that opening one does not wait
         report = found.report if found else None
-        threshold = (f" · threshold {state.current_threshold(chosen, None, report):.4f}"
-                     if report else "")
-        header.caption(f"{chosen.source.name} / {chosen.category} · {chosen.backbone}"
-                       f"{threshold}")
+        header.caption(_model_caption(
+            chosen, state.current_threshold(chosen, None, report) if report else None))
     if found and found.report:
         images = found.report["images"]
         st.download_button("Scores of the test images (CSV)", lambda: _csv(images),
