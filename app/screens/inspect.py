@@ -229,13 +229,13 @@ def _test_image_detail(chosen: state.Selection, found: state.Evaluation | None) 
     except (DataError, OSError) as error:
         st.error(f"Cannot show this image: {error}")
         return
-    _show(chosen, detector, found, title=title, image=image, detection=detection, mask=mask,
-          defect=sample.defect if sample else "test")
     order = st.session_state.get(ORDER) or []
-    if path in order:  # Next and Previous then find their maps computed
+    if path in order:  # while this one is drawn: Next and Previous then find their maps
         index = order.index(path)
         state.prefetch(chosen, detector, [order[(index + 1) % len(order)],
                                           order[(index - 1) % len(order)]])
+    _show(chosen, detector, found, title=title, image=image, detection=detection, mask=mask,
+          defect=sample.defect if sample else "test")
 
 
 @state.interactive_fragment
