@@ -172,9 +172,8 @@ class OnnxDetector(Detector):
 
     A batch of several chunks runs its chunks side by side, one single-threaded run per core,
     instead of one chunk at a time across all cores: the same outputs bit for bit, and no core
-    waits for the other at each layer. For efficientnet_lite0 that was 11-13 % more images/s on
-    2 cores, and a decoding process that takes one core then slows one run instead of stalling
-    both (benchmarks/scoring.py); the wide backbones, already at the cores' peak, are unchanged.
+    waits for the other at each layer. For efficientnet_lite0 that was 10-40 % more images/s on
+    2 cores (benchmarks/chunks.py); the wide backbones, already at the cores' peak, gain little.
     A single chunk (an image in the studio) still uses every core.
     """
 
