@@ -10,42 +10,23 @@ and exported there once (10-60 s each).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from benchmarks.common import apply_threads, base_parser, machine, print_table, write_json
-from rd.checkpoints import save_checkpoint
-from rd.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from rd.model import build_model
+from benchmarks import common
+from benchmarks.scoring import make_checkpoint
 from rd.runtime import OnnxDetector, load_runtime
 
 
-def checkpoint_for(work: Path, backbone: str, size: int) -> Path:
-    path = work / f"{backbone}_{size}.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        save_checkpoint(build_model(backbone), path,
-                        {"preprocess": Preprocess(size, IMAGENET_MEAN, IMAGENET_STD).to_dict(),
-                         "fusion": "sum", "category": "generated",
-                         "metrics": {"thresholds": {"f1": 0.5}}})
-    return path
-
-
 def images_per_second(detector: OnnxDetector, batch: torch.Tensor, repeats: int) -> float:
-    detector.predict_tensor(batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        detector.predict_tensor(batch)
-        times.append(time.perf_counter() - start)
-    return len(batch) / float(np.median(times))
+    seconds, _ = common.time_call(lambda: detector.predict_tensor(batch), torch.device("cpu"),
+                                  repeats)
+    return len(batch) / seconds
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(__doc__.splitlines()[0], "runs/benchmarks/chunks.json")
+    parser = common.base_parser(__doc__.splitlines()[0], "runs/benchmarks/chunks.json")
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0"],
                         help="others need their ImageNet weights on disk (docs: OFFLINE)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -54,14 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/rd-chunks-benchmark"),
                         help="where the checkpoints and their exports go (not the repository)")
     args = parser.parse_args(argv)
-    apply_threads(args.threads)
+    common.apply_threads(args.threads)
     if args.quick:
         args.size, args.batch_size, args.repeats = 64, 8, 2
     args.work.mkdir(parents=True, exist_ok=True)
-    rows, results = [], {"machine": machine(torch.device("cpu")), "runs": {}}
+    rows, results = [], {"machine": common.machine(torch.device("cpu")), "runs": {}}
     for backbone in args.backbones:
-        detector, choice = load_runtime(checkpoint_for(args.work, backbone, args.size), "cpu",
-                                        "onnxruntime")
+        checkpoint = make_checkpoint(args.work / f"{backbone}_{args.size}.safetensors",
+                                     args.size, backbone)
+        detector, choice = load_runtime(checkpoint, "cpu", "onnxruntime")
         assert isinstance(detector, OnnxDetector), choice
         detector.batch_size = args.batch_size
         batch = torch.randn(args.batch_size, 3, args.size, args.size,
@@ -79,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "identical": same, "threads": threads}
         rows.append([backbone, args.batch_size, threads, sequential, side_by_side,
                      side_by_side / sequential, same])
-    print_table(f"ONNX Runtime, CPU, {args.size} px: chunks of the batch",
+    common.print_table(f"ONNX Runtime, CPU, {args.size} px: chunks of the batch",
                 ["backbone", "batch", "threads", "one after another img/s",
                  "side by side img/s", "ratio", "identical"], rows)
-    write_json(args.json, results)
+    common.write_json(args.json, results)
     return 0
 
 

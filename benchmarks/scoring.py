@@ -31,7 +31,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import apply_threads, base_parser, machine, print_table, write_json
+from benchmarks.common import (
+    apply_threads,
+    base_parser,
+    machine,
+    print_table,
+    time_call,
+    write_json,
+)
 from rd.checkpoints import save_checkpoint
 from rd.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from rd.model import build_model
@@ -62,10 +69,12 @@ def generate_images(folder: Path, count: int, size: int = 256) -> list[Path]:
     return paths
 
 
-def make_checkpoint(path: Path, size: int) -> Path:
+def make_checkpoint(path: Path, size: int, backbone: str = BACKBONE) -> Path:
+    """A checkpoint of ``backbone`` (ImageNet teacher, student seeded with 0): the work of a
+    trained model, made once."""
     if not path.exists():
         torch.manual_seed(0)
-        save_checkpoint(build_model(BACKBONE), path,
+        save_checkpoint(build_model(backbone), path,
                         {"preprocess": Preprocess(size, IMAGENET_MEAN, IMAGENET_STD).to_dict(),
                          "fusion": "sum", "category": "generated",
                          "metrics": {"thresholds": {"f1": 0.5}}})
@@ -78,13 +87,8 @@ def model_throughput(checkpoint: Path, size: int, batch_size: int, repeats: int
     detector, choice = load_runtime(checkpoint, "cpu")
     detector.batch_size = batch_size
     batch = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    detector.predict_tensor(batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        detector.predict_tensor(batch)
-        times.append(time.perf_counter() - start)
-    return batch_size / float(np.median(times)), choice.name
+    seconds, _ = time_call(lambda: detector.predict_tensor(batch), torch.device("cpu"), repeats)
+    return batch_size / seconds, choice.name
 
 
 def _tree(pid: int) -> list[int]:
