@@ -7,9 +7,13 @@
   overlap by ``overlap`` of a tile; train on the tiles of normal images, and at inference stitch
   the per-layer maps (overlaps averaged), then fuse, blur and score the whole image.
 - ``multiscale``: ``tile`` and ``letterbox`` together: one student trains on the tiles and on the
-  whole letterboxed image; at inference the stitched tile maps and the whole-image maps (brought
-  to the same size) are averaged per layer. Tiles see thin defects at native resolution, the
-  whole image sees what only its context reveals (a faint uneven region larger than a tile).
+  whole letterboxed image. Tiles see thin defects at native resolution, the whole image sees
+  what only its context reveals (a faint uneven region larger than a tile). At inference each
+  view's fused map is blurred at its own resolution, as the paper blurs its S×S map (σ = 4
+  model pixels: 4 canvas pixels for the tiles, 4·long side/S image pixels for the whole view),
+  and the two smoothed maps are averaged (``combine="smoothed"``, docs/results.md, round 5).
+  Checkpoints trained before that record no ``combine`` and keep the rule they were evaluated
+  with (``"layers"``: per-layer maps averaged, then fused and blurred once at canvas scale).
 
 Maps of ``letterbox`` and ``tile`` come back at the original image size. The geometry is stored
 in the checkpoint's metadata (key ``geometry``; absent means ``squash``).
@@ -36,6 +40,7 @@ from rd.data.transforms import Preprocess
 from rd.maps import fuse, gaussian_blur, layer_maps
 
 RESIZE_MODES = ("squash", "letterbox", "tile", "multiscale")
+COMBINE_RULES = ("smoothed", "layers")  # multiscale: how the two views' maps are combined
 ImageTransform = Callable[[Image.Image, int], Image.Image]  # (image, seed) -> image
 
 
@@ -46,10 +51,14 @@ class Geometry:
     mode: str = "squash"
     tile_scale: float = 1.0  # tile: the image is scaled by this before tiling (1 = native)
     overlap: float = 0.25  # tile: share of a tile's side overlapping its neighbour
+    combine: str = "smoothed"  # multiscale: each view blurred at its own scale, then averaged
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {self.mode!r}; choose one of {RESIZE_MODES}")
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(f"unknown multiscale combination {self.combine!r}; choose one of "
+                             f"{COMBINE_RULES}")
         if not 0 < self.tile_scale <= 4:
             raise ValueError(f"tile scale must lie in (0, 4], got {self.tile_scale}")
         if not 0 <= self.overlap < 1:
@@ -60,14 +69,17 @@ class Geometry:
         return self.mode == "squash"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "tile_scale": self.tile_scale, "overlap": self.overlap}
+        multiscale = {"combine": self.combine} if self.mode == "multiscale" else {}
+        return {"mode": self.mode, "tile_scale": self.tile_scale, "overlap": self.overlap,
+                **multiscale}
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> Geometry:
-        """The geometry a checkpoint was trained with (``squash`` when none is recorded)."""
+        """The geometry a checkpoint was trained with (``squash`` when none is recorded; a
+        multiscale checkpoint without ``combine`` predates the per-view blur: ``layers``)."""
         data = metadata.get("geometry") or {}
         return cls(data.get("mode", "squash"), float(data.get("tile_scale", 1.0)),
-                   float(data.get("overlap", 0.25)))
+                   float(data.get("overlap", 0.25)), str(data.get("combine", "layers")))
 
     # ------------------------------------------------------------------ one image -> inputs
 
@@ -198,38 +210,58 @@ def _stitched(model: torch.nn.Module, inputs: Inputs, size: int, chunk: int,
     return total / counts
 
 
+def _whole_view(model: torch.nn.Module, rgb: Image.Image, preprocess: Preprocess,
+                size: tuple[int, int], fusion: str, chunk: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multiscale's second view: the letterboxed whole image's per-layer maps (1, 3, h, w) and
+    its fused map blurred at the model's resolution (1, h, w), both brought to ``size``."""
+    whole = Geometry("letterbox").inputs(rgb, preprocess)
+    maps = _stitched(model, whole, preprocess.size, chunk, device)
+    smoothed = masked_blur(fuse(maps, fusion), whole.valid[0])
+    (top, left), (height, width) = whole.offset, whole.content
+    box = (slice(top, top + height), slice(left, left + width))
+    maps = F.interpolate(maps[:, :, box[0], box[1]], size=size, mode="bilinear",
+                         align_corners=False)
+    smoothed = F.interpolate(smoothed[:, None, box[0], box[1]], size=size, mode="bilinear",
+                             align_corners=False)[:, 0]
+    return maps, smoothed
+
+
 def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Preprocess,
                    geometry: Geometry, fusion: str = "sum", chunk: int = 4,
                    device: torch.device | None = None) -> NativeMaps:
     """Maps of one image at its original size, the way ``geometry`` fits it to the model.
 
     ``squash`` upsamples the paper's S×S maps; ``letterbox`` crops the padding away;
-    ``tile`` stitches the tiles' per-layer maps (overlaps averaged) before fusing and blurring.
+    ``tile`` stitches the tiles' per-layer maps (overlaps averaged) before fusing and blurring;
+    ``multiscale`` adds the whole image's view (see the module's notes).
     """
     rgb = read_image(image)
     device = device or next(model.parameters()).device
-    multiscale = geometry.mode == "multiscale"
-    if multiscale:
-        geometry = Geometry("tile", geometry.tile_scale, geometry.overlap)
-    inputs = geometry.inputs(rgb, preprocess)
+    views = geometry
+    if geometry.mode == "multiscale":
+        views = Geometry("tile", geometry.tile_scale, geometry.overlap)
+    inputs = views.inputs(rgb, preprocess)
     stitched = _stitched(model, inputs, preprocess.size, chunk, device)
     canvas_h, canvas_w = inputs.canvas
     canvas_valid = torch.zeros(1, canvas_h, canvas_w, device=device)
     top, left = inputs.offset
     height, width = inputs.content
-    if multiscale:  # average with the whole image's maps, brought to the tiled content's size
-        whole = Geometry("letterbox").inputs(rgb, preprocess)
-        box_top, box_left = whole.offset
-        box_h, box_w = whole.content
-        maps = _stitched(model, whole, preprocess.size, chunk, device)
-        maps = maps[:, :, box_top:box_top + box_h, box_left:box_left + box_w]
-        maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
-        stitched[:, :, top:top + height, left:left + width] += maps
-        stitched[:, :, top:top + height, left:left + width] /= 2
-    canvas_valid[:, top:top + height, left:left + width] = 1
-    smoothed = masked_blur(fuse(stitched, fusion), canvas_valid)
-    score = float(masked_scores(smoothed, canvas_valid)[0])
     crop = (slice(top, top + height), slice(left, left + width))
+    canvas_valid[:, crop[0], crop[1]] = 1
+    views_smoothed = None
+    if geometry.mode == "multiscale":  # average with the whole view, at the tiled content's size
+        whole_maps, whole_smoothed = _whole_view(model, rgb, preprocess, (height, width),
+                                                 fusion, chunk, device)
+        if geometry.combine == "smoothed":  # else "layers": checkpoints before the per-view blur
+            views_smoothed = masked_blur(fuse(stitched, fusion), canvas_valid)
+            views_smoothed[:, crop[0], crop[1]] += whole_smoothed
+            views_smoothed[:, crop[0], crop[1]] /= 2
+        stitched[:, :, crop[0], crop[1]] += whole_maps
+        stitched[:, :, crop[0], crop[1]] /= 2
+    smoothed = (masked_blur(fuse(stitched, fusion), canvas_valid) if views_smoothed is None
+                else views_smoothed)
+    score = float(masked_scores(smoothed, canvas_valid)[0])
     layers = stitched[0][:, crop[0], crop[1]]
     fused = smoothed[0][crop]
     if (height, width) != (rgb.height, rgb.width):

@@ -88,7 +88,9 @@ def _beyond_paper_options() -> dict[str, str]:
         resize = columns[0].selectbox(
             "Input geometry", list(RESIZE_MODES), key="train::resize",
             help="squash: the paper (resize to the square); letterbox: keep the aspect ratio; "
-            "tile: overlapping tiles near native resolution (thin defects on large images).")
+            "tile: overlapping tiles near native resolution (thin defects on large images); "
+            "multiscale: the tiles and the whole image together (thin defects and large "
+            "faint regions).")
         adapt = columns[1].selectbox(
             "Teacher adaptation", list(ADAPT_MODES), key="train::teacher_adapt",
             help="none: the paper's ImageNet teacher; bn: its deepest batch-norm statistics "

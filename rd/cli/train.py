@@ -47,8 +47,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "beyond the paper (off by default; docs/results.md, 'Beyond the paper')")
     beyond.add_argument("--resize", choices=RESIZE_MODES,
                         help="squash to the square (the paper, default), letterbox (keep the "
-                        "aspect ratio, padding masked out) or tile (overlapping model-size tiles "
-                        "near native resolution)")
+                        "aspect ratio, padding masked out), tile (overlapping model-size tiles "
+                        "near native resolution) or multiscale (tiles and the whole image, "
+                        "each view's map blurred at its own scale, then averaged)")
     beyond.add_argument("--tile-scale", type=float,
                         help="with --resize tile: scale the image by this before tiling "
                         "(default 1 = native pixels)")

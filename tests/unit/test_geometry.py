@@ -118,6 +118,36 @@ def test_multiscale_averages_tiles_and_the_whole_image(model) -> None:
                           atol=1e-6)
 
 
+def test_multiscale_blurs_each_view_at_its_own_scale(model) -> None:
+    """The heat map is the mean of the tiles' map blurred at canvas scale and the whole view's
+    blurred at the model's resolution (then brought to the image's size); the score its max."""
+    wide = picture(SIZE, 2 * SIZE, seed=4)
+    tiled = predict_native(model, wide, PRE, Geometry("tile", overlap=0.0))
+    boxed = predict_native(model, wide, PRE, Geometry("letterbox"))
+    mixed = predict_native(model, wide, PRE, Geometry("multiscale", overlap=0.0))
+    assert torch.allclose(mixed.fused, (tiled.fused + boxed.fused) / 2, atol=1e-6)
+    assert mixed.score == pytest.approx(float(mixed.fused.max()), abs=1e-6)
+    blurred_once = gaussian_blur(fuse(mixed.layer_maps[None]))[0]
+    assert not torch.allclose(mixed.fused, blurred_once, atol=1e-4)  # not the old rule
+
+
+def test_multiscale_checkpoints_from_before_keep_their_rule(model) -> None:
+    """A multiscale checkpoint that records no ``combine`` predates the per-view blur: its
+    layers are averaged, then fused and blurred once, as when its numbers were measured."""
+    old = Geometry.from_metadata({"geometry": {"mode": "multiscale", "tile_scale": 1.0,
+                                               "overlap": 0.0}})
+    assert old.combine == "layers"
+    assert Geometry("multiscale").to_dict()["combine"] == "smoothed"
+    assert Geometry.from_metadata({"geometry": Geometry("multiscale").to_dict()}) == \
+        Geometry("multiscale")
+    assert "combine" not in Geometry("tile").to_dict()
+    wide = picture(SIZE, 2 * SIZE, seed=4)
+    maps = predict_native(model, wide, PRE, old)
+    assert torch.allclose(maps.fused, gaussian_blur(fuse(maps.layer_maps[None]))[0], atol=1e-6)
+    with pytest.raises(ValueError, match="multiscale combination"):
+        Geometry("multiscale", combine="max")
+
+
 def test_tiles_stitch_to_the_maps_of_each_tile(model) -> None:
     """Without overlap, the stitched per-layer maps of a 64x128 image are each tile's own."""
     image = picture(SIZE, 2 * SIZE, seed=4)
