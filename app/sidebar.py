@@ -10,6 +10,7 @@ settings. Another page can move the sidebar (Train's "Inspect the model") by cal
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import streamlit as st
@@ -86,12 +87,18 @@ def _add_folder_form(taken: list[str]) -> None:
 @st.cache_resource(show_spinner=False)
 def check_jobs_at_start() -> None:
     """Once per app start: a scheduler step (rd.jobs), so that jobs whose process died with the
-    app's last run or the machine show as interrupted, and queued jobs start. Called after the
-    page is drawn (app/main.py): importing rd.jobs takes seconds (torch, torchvision)."""
-    from rd import jobs
+    app's last run or the machine show as interrupted, and queued jobs start. In a background
+    thread once the page has been quiet for a moment: importing rd.jobs takes seconds (torch),
+    and done in the first page's run it held the interpreter while the browser fetched that
+    page's thumbnails from this server. The Train page's own polls are scheduler steps too."""
+    def check() -> None:
+        state.wait_for_quiet(state.PRELOAD_QUIET_S)
+        from rd import jobs
 
-    with contextlib.suppress(ValueError, OSError):  # the Train page shows these
-        jobs.schedule()
+        with contextlib.suppress(ValueError, OSError):  # the Train page shows these
+            jobs.schedule()
+
+    threading.Thread(target=check, name="rd-jobs-at-start", daemon=True).start()
 
 
 def _apply_pending(names: list[str]) -> dict[str, Any]:

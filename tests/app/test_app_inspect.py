@@ -1,4 +1,5 @@
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -268,3 +269,35 @@ def test_the_model_loads_in_the_background_once_the_page_is_quiet(studio, rerun_
     at.run()  # once per model and device
     time.sleep(0.5)
     assert calls == ["rd-preload-model"]
+
+
+def test_browsing_a_restarted_app_imports_no_torch_in_the_page_run(tmp_path):
+    """The first page of a restarted server sends its thumbnails while the browser fetches them
+    from this server: importing torch in that run (the start-up scheduler step of rd.jobs did)
+    held the interpreter for seconds. A fresh interpreter, data without a model; the background
+    work that needs torch waits for a quiet moment, made long here."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import make_fake_mvtec
+
+    make_fake_mvtec(tmp_path / "parts", "widget")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "app_settings.json").write_text(json.dumps(
+        {"mvtec_roots": {"parts": str(tmp_path / "parts")}}))
+    root = str(Path(APP).parents[1])
+    code = (f"import sys\nsys.path.insert(0, {root!r})\nimport app.state\n"
+            "app.state.PRELOAD_QUIET_S = app.state.QUIET_S = 600\n"
+            "from streamlit.testing.v1 import AppTest\n"
+            f"at = AppTest.from_file({APP!r}, default_timeout=180)\n"
+            "at.session_state['source'] = 'parts'\nat.run()\n"
+            "assert not at.exception, [e.value for e in at.exception]\n"
+            "opens = [b for b in at.button if b.key and b.key.startswith('open::')]\n"
+            "print(len(opens), 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "RD_HOME": str(home)}, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown, torch_imported = done.stdout.split()[-2:]
+    assert int(shown) > 0 and torch_imported == "False"
