@@ -52,6 +52,9 @@ ROWS: dict[str, dict[str, Any]] = {
     # combinations of the options that won somewhere (round 3)
     "bn + augment auto": {"teacher_adapt": "bn", "augment": "auto"},
     "multiscale + augment auto": {"resize": "multiscale", "augment": "auto"},
+    # round 5: the same with the learning rate falling toward 0 (no loss spike at the end)
+    "multiscale + augment auto + cosine": {"resize": "multiscale", "augment": "auto",
+                                           "lr_schedule": "cosine"},
     "preset robust": {"preset": "robust"},
 }
 TILE_SCALE = {"hazelnut": 0.5, "transistor": 0.5}

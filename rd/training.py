@@ -83,7 +83,10 @@ AUTO_CACHE_BYTES = 4 << 30
 # Exit code of a training stopped on request (EX_TEMPFAIL: try again later, i.e. --resume).
 STOPPED_EXIT = 75
 # TrainConfig fields beyond the paper's recipe (recorded in the recipe only when set)
-BEYOND_PAPER_OPTIONS = ("resize", "tile_scale", "teacher_adapt", "augment")
+BEYOND_PAPER_OPTIONS = ("resize", "tile_scale", "teacher_adapt", "augment", "lr_schedule")
+# constant: the paper; cosine: the rate falls from --lr toward 0 over the epochs, so that the
+# saved student does not land on one of the loss spikes of a constant 0.005 (docs/results.md)
+LR_SCHEDULES = ("constant", "cosine")
 # --preset NAME: named settings of those options; "robust" is what won the study of
 # docs/results.md ("Beyond the paper"), empty while nothing has won
 PRESETS: dict[str, dict[str, Any]] = {"robust": {}}
@@ -163,6 +166,7 @@ class TrainConfig:
     tile_scale: float = 1.0
     teacher_adapt: str = "none"
     augment: str = "none"
+    lr_schedule: str = "constant"
     # Speed only (issue 12; maps equal within float rounding): NHWC weights and inputs, and
     # torch.compile of the student's step. Recorded in the recipe when set.
     channels_last: bool = False
@@ -211,6 +215,9 @@ class TrainConfig:
             parse_augment(self.augment)
         except ValueError as error:
             raise TrainingError(str(error)) from None
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(f"--lr-schedule must be one of {LR_SCHEDULES}, got "
+                                f"{self.lr_schedule!r}")
         if self.teacher_adapt not in ADAPT_MODES:
             raise TrainingError(f"--teacher-adapt must be one of {ADAPT_MODES}, got "
                                 f"{self.teacher_adapt!r}")
@@ -355,6 +362,15 @@ def _acquire(path: Path, out: str | Path) -> int:
             os.write(handle, f"{os.getpid()}\n".encode())
             return handle
         os.close(handle)  # the holder removed the file as we opened it: lock the new one
+
+
+def epoch_lr(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (1-based): --lr throughout (the paper), or a cosine
+    from --lr at the first epoch toward 0 after the last. A function of the epoch alone, so a
+    resumed run follows the same schedule."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
 
 
 def epoch_order(seed: int, epoch: int, count: int) -> list[int]:
@@ -543,6 +559,8 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
             log_file.write_text("")
     for epoch in bar:
         epoch_start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(config, epoch)
         run = _run_epoch(student, model, optimizer, dataset, cache, config, epoch, device, place,
                          position)
         if run.bad_loss is not None:
@@ -564,7 +582,7 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         loss = loss_sum / images
         seconds = time.perf_counter() - epoch_start
         record = {"epoch": epoch, "loss": loss, "seconds": round(seconds, 3),
-                  "images_per_s": round(trained / seconds, 2), "lr": config.lr}
+                  "images_per_s": round(trained / seconds, 2), "lr": epoch_lr(config, epoch)}
         result.losses.append(loss)
         result.epochs_trained = epoch
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -776,8 +794,9 @@ def _load_resume_state(model: ReverseDistillation, optimizer: torch.optim.Optimi
         raise TrainingError(f"cannot resume from {path}: {first}; start again without "
                             "--resume") from None
     ours = config.recipe()
+    extendable = config.lr_schedule == "constant"  # a cosine's rate depends on --epochs
     changed = {k: (recipe.get(k), v) for k, v in ours.items()
-               if k != "epochs" and recipe.get(k) != v}
+               if (k != "epochs" or not extendable) and recipe.get(k) != v}
     if changed:
         raise TrainingError(f"cannot resume {path}: settings differ from the stopped run "
                             f"(setting: (stopped run, now)): {changed}")

@@ -33,7 +33,7 @@ from rd.errors import RDError
 from rd.files import file_sha256
 from rd.geometry import RESIZE_MODES
 from rd.manifest import ManifestError, ModelEntry, all_models, delete_model, rename_model
-from rd.training import TrainConfig
+from rd.training import LR_SCHEDULES, TrainConfig
 
 POLL_S = 2.0
 SCRATCH = "scratch"
@@ -83,8 +83,9 @@ def _beyond_paper_options() -> dict[str, str]:
     """The options beyond the paper (issue 11), folded away; only those changed are returned,
     so the default stays the paper's recipe."""
     chosen: dict[str, str] = {}
-    with st.expander("Beyond the paper (input geometry, teacher adaptation, augmentation)"):
-        columns = st.columns(3)
+    with st.expander("Beyond the paper (input geometry, teacher adaptation, augmentation, "
+                     "learning-rate schedule)"):
+        columns = st.columns(4)
         resize = columns[0].selectbox(
             "Input geometry", list(RESIZE_MODES), key="train::resize",
             help="squash: the paper (resize to the square); letterbox: keep the aspect ratio; "
@@ -99,9 +100,14 @@ def _beyond_paper_options() -> dict[str, str]:
             "Augmentation", ["none", "auto"], key="train::augment",
             help="auto keeps only the transforms whose augmented normal images stay in "
             "distribution as the teacher sees them (recorded in the checkpoint).")
+        schedule = columns[3].selectbox(
+            "Learning rate", list(LR_SCHEDULES), key="train::lr_schedule",
+            help="constant: the paper; cosine: falls toward 0 over the epochs, so the saved "
+            "model does not land on one of the loss spikes of a constant rate.")
     for option, value, default in (("resize", resize, "squash"),
                                    ("teacher_adapt", adapt, "none"),
-                                   ("augment", augment, "none")):
+                                   ("augment", augment, "none"),
+                                   ("lr_schedule", schedule, "constant")):
         if value != default:
             chosen[option] = value
     return chosen

@@ -12,7 +12,7 @@ from rd.backbones import DEFAULT_BACKBONE, list_backbones
 from rd.cli.common import add_data_options, open_data, print_table
 from rd.geometry import RESIZE_MODES
 from rd.pipeline import train_and_evaluate
-from rd.training import BEYOND_PAPER_OPTIONS, PRESETS, TrainConfig
+from rd.training import BEYOND_PAPER_OPTIONS, LR_SCHEDULES, PRESETS, TrainConfig
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -61,6 +61,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="augment the normal images: auto keeps only the transforms that "
                         "stay in distribution; or a comma-separated list of "
                         f"{', '.join(TRANSFORMS)}")
+    beyond.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                        help="constant (the paper, default) or cosine: the learning rate falls "
+                        "toward 0 over the epochs, so the saved model does not land on a "
+                        "loss spike")
     beyond.add_argument("--preset", choices=sorted(PRESETS),
                         help="robust: the combination that won the study (explicit flags win)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")
@@ -87,8 +91,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def beyond_paper_options(args: argparse.Namespace) -> dict[str, object]:
-    """--resize, --tile-scale, --teacher-adapt, --augment: explicit flags, else the --preset's
-    values, else the paper's defaults."""
+    """--resize, --tile-scale, --teacher-adapt, --augment, --lr-schedule: explicit flags, else
+    the --preset's values, else the paper's defaults."""
     preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
     options = {}
     for name in BEYOND_PAPER_OPTIONS:

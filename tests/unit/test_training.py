@@ -187,3 +187,39 @@ def test_a_resume_state_without_its_epoch_is_a_clear_error(samples, tmp_path):
     save_file({"x": torch.zeros(1)}, str(resume_path(out)), metadata={"recipe": "{}"})
     with pytest.raises(TrainingError, match=r"lacks the 'epoch' field.*without --resume"):
         train(samples, TrainConfig(epochs=2, **SMALL), out, resume=True, progress=False)
+
+
+def test_cosine_schedule_falls_toward_zero_and_resumes_exactly(samples, tmp_path):
+    """--lr-schedule cosine: --lr at the first epoch, falling toward 0 (the log says each
+    epoch's rate); a function of the epoch, so a stopped run resumes on the same path; the
+    constant default is the paper's rate throughout."""
+    from rd.training import TrainingStopped, epoch_lr, request_stop
+
+    cosine = TrainConfig(epochs=3, lr_schedule="cosine", **SMALL)
+    rates = [epoch_lr(cosine, e) for e in (1, 2, 3)]
+    assert rates[0] == cosine.lr and rates[0] > rates[1] > rates[2] > 0
+    assert rates[2] == pytest.approx(cosine.lr * 0.25)
+    assert epoch_lr(TrainConfig(epochs=3), 3) == TrainConfig().lr
+    assert cosine.recipe()["lr_schedule"] == "cosine" and "lr_schedule" not in \
+        TrainConfig().recipe()
+
+    straight = train(samples, cosine, tmp_path / "a.safetensors", progress=False)
+    out = tmp_path / "b.safetensors"
+    stopped = TrainConfig(**{**cosine.to_dict(), "betas": cosine.betas, "checkpoint_every": 1})
+    stop_after_two = {"calls": 0}
+
+    def on_epoch(record):
+        stop_after_two["calls"] += 1
+        if stop_after_two["calls"] == 2:
+            request_stop()
+
+    with pytest.raises(TrainingStopped):  # after the first step of epoch 3
+        train(samples, stopped, out, progress=False, on_epoch=on_epoch)
+    resumed = train(samples, cosine, out, resume=True, progress=False)
+    assert resumed.losses == pytest.approx(straight.losses[2:], abs=1e-6)
+    _assert_same(_weights(resumed.model), _weights(straight.model), atol=1e-6)
+    logged = [json.loads(line)["lr"] for line in log_path(out).read_text().splitlines()]
+    assert logged == pytest.approx(rates)
+    longer = TrainConfig(**{**cosine.to_dict(), "betas": cosine.betas, "epochs": 4})
+    with pytest.raises(TrainingError, match="settings differ"):
+        train(samples, longer, out, resume=True, progress=False)
