@@ -8,10 +8,12 @@ running, no stale element):
 - open an image → all its maps drawn; next / previous; a threshold move on Evaluate;
 - the first switch to another built-in category; Review's first gallery.
 
-One-off steps (fresh, warm, category switch, Review) run once per server; repeated interactions
-are timed ``--repeats`` times and reported by their median.
+One-off steps (fresh, category switch, Review) run once per server; the warm restart runs
+``--restarts`` times (a new server on the same data home each time: a single restart varies by
+±0.5 s on this machine); repeated interactions are timed ``--repeats`` times (in the last
+server); all are reported by their median.
 
-    python -m benchmarks.browser [--quick] [--home DIR] [--repeats N] [--beside-job]
+    python -m benchmarks.browser [--quick] [--home DIR] [--repeats N] [--restarts N] [--beside-job]
 
 ``--beside-job`` measures the same with a training job running, started as the Train page
 starts one (``rd.jobs``: its own process at the jobs' CPU priority, ``$RD_JOBS_PRIORITY``):
@@ -258,19 +260,23 @@ def review_gallery(page: Any) -> float:
     return time.perf_counter() - start
 
 
-def run(home: Path, logs: Path, repeats: int, category: str) -> dict[str, list[float]]:
-    """One fresh server on ``home`` (empty or not) and a warm restart on the same home."""
+def run(home: Path, logs: Path, repeats: int, category: str, restarts: int = 1
+        ) -> dict[str, list[float]]:
+    """One fresh server on ``home`` (empty or not), then ``restarts`` warm restarts on the same
+    home; the interactions are timed in the last one."""
     from playwright.sync_api import sync_playwright
 
     times: dict[str, list[float]] = {}
+    phases = ["fresh home", *["warm restart"] * restarts]
     with sync_playwright() as playwright:
         browser = launch(playwright)
-        for phase in ("fresh home", "warm restart"):
+        for index, phase in enumerate(phases):
             with serve(home, logs / f"streamlit-{phase.split()[0]}.log") as url:
                 page = browser.new_page(viewport=VIEWPORT)
                 page.set_default_timeout(START_TIMEOUT_S * 1000)
-                times[f"first thumbnails ({phase})"] = [first_thumbnails(page, url)]
-                if phase == "warm restart":
+                times.setdefault(f"first thumbnails ({phase})", []).append(
+                    first_thumbnails(page, url))
+                if index == len(phases) - 1:
                     for name, values in inspect_steps(page, repeats).items():
                         times[name] = values
                     times["threshold move"] = threshold_moves(page, repeats)
@@ -288,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0], "runs/benchmarks/browser.json")
     parser.add_argument("--repeats", type=int, default=5,
                         help="times each repeated interaction is measured (default 5)")
+    parser.add_argument("--restarts", type=int, default=5,
+                        help="warm restarts timed, each a new server (default 5)")
     parser.add_argument("--category", default="wood",
                         help="the built-in category switched to (default wood)")
     parser.add_argument("--beside-job", action="store_true",
@@ -302,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rd-browser-") as folder:
         home = args.home or Path(folder) / "home"
         with training_job(Path(folder)) if args.beside_job else contextlib.nullcontext():
-            times = run(home, Path(folder), repeats, args.category)
+            times = run(home, Path(folder), repeats, args.category,
+                        1 if args.quick else args.restarts)
     load_after = os.getloadavg()
     rows = [[name, statistics.median(values), min(values), max(values), len(values),
              TARGETS_S.get(name)] for name, values in times.items()]
@@ -311,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     write_json(args.json, {"times_s": times, "targets_s": TARGETS_S, "repeats": repeats,
                            "category": args.category, "beside_job": args.beside_job,
+                           "restarts": 1 if args.quick else args.restarts,
                            "load_before": load_before,
                            "load_after": load_after,
                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
