@@ -55,6 +55,8 @@ ROWS: dict[str, dict[str, Any]] = {
     # round 5: the same with the learning rate falling toward 0 (no loss spike at the end)
     "multiscale + augment auto + cosine": {"resize": "multiscale", "augment": "auto",
                                            "lr_schedule": "cosine"},
+    # round 6: the last weights replaced by their moving average (half-life one epoch)
+    "multiscale + augment auto + ema": {"resize": "multiscale", "augment": "auto", "ema": 1.0},
     "preset robust": {"preset": "robust"},
 }
 TILE_SCALE = {"hazelnut": 0.5, "transistor": 0.5}

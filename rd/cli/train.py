@@ -65,6 +65,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="constant (the paper, default) or cosine: the learning rate falls "
                         "toward 0 over the epochs, so the saved model does not land on a "
                         "loss spike")
+    beyond.add_argument("--ema", type=float, metavar="EPOCHS",
+                        help="save a moving average of the student's weights with this "
+                        "half-life in epochs (e.g. 1) instead of the last weights, which a "
+                        "loss spike may have thrown off; default 0 = off (the paper)")
     beyond.add_argument("--preset", choices=sorted(PRESETS),
                         help="robust: the combination that won the study (explicit flags win)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")
@@ -91,8 +95,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def beyond_paper_options(args: argparse.Namespace) -> dict[str, object]:
-    """--resize, --tile-scale, --teacher-adapt, --augment, --lr-schedule: explicit flags, else
-    the --preset's values, else the paper's defaults."""
+    """The options beyond the paper (--resize ... --ema): explicit flags, else the --preset's
+    values, else the paper's defaults."""
     preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
     options = {}
     for name in BEYOND_PAPER_OPTIONS:

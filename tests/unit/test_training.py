@@ -223,3 +223,65 @@ def test_cosine_schedule_falls_toward_zero_and_resumes_exactly(samples, tmp_path
     longer = TrainConfig(**{**cosine.to_dict(), "betas": cosine.betas, "epochs": 4})
     with pytest.raises(TrainingError, match="settings differ"):
         train(samples, longer, out, resume=True, progress=False)
+
+
+def test_weight_average_has_the_half_life_it_is_given():
+    """--ema's average: the first step copies the weights; then, holding the weights at a new
+    value, ``half_life`` steps move the average half the way there."""
+    from rd.model import build_model
+    from rd.training import _WeightAverage
+
+    model = build_model("resnet18", pretrained=False)
+    average = _WeightAverage(model, half_life=2)
+    start = _weights(model)
+    average.update()
+    with torch.no_grad():
+        for parameter in [*model.bottleneck.parameters(), *model.decoder.parameters()]:
+            parameter.add_(1.0)
+    moved = _weights(model)
+    average.update()
+    average.update()
+    averaged = average.student_state_dict()
+    name = next(k for k in start if k.endswith("weight") and start[k].is_floating_point())
+    assert torch.allclose(averaged[name], (start[name] + moved[name]) / 2, atol=1e-6)
+
+
+def test_weight_average_is_what_is_saved_and_resumes_exactly(samples, tmp_path):
+    """--ema 1: the checkpoint holds the average, not the last weights (which the paper's run
+    of the same seed ends on); a run stopped mid-epoch resumes to the same average; the
+    recipe records it, the paper's recipe does not name it."""
+    from rd.checkpoints import load_checkpoint
+    from rd.training import TrainingStopped, request_stop
+
+    config = TrainConfig(epochs=3, ema=1.0, **SMALL)
+    assert config.recipe()["ema"] == 1.0 and "ema" not in TrainConfig().recipe()
+    paper = train(samples, TrainConfig(epochs=3, **SMALL), tmp_path / "p.safetensors",
+                  progress=False)
+    straight = train(samples, config, tmp_path / "a.safetensors", progress=False)
+    assert straight.losses == pytest.approx(paper.losses, abs=1e-6)  # same path, other output
+    saved, _ = load_checkpoint(tmp_path / "a.safetensors")
+    _assert_same(_weights(saved), _weights(straight.model))
+    last, averaged = _weights(paper.model), _weights(straight.model)
+    assert any(not torch.allclose(last[k].float(), averaged[k].float()) for k in last)
+
+    out = tmp_path / "b.safetensors"
+    stopped = TrainConfig(**{**config.to_dict(), "betas": config.betas, "checkpoint_every": 1})
+    calls = {"n": 0}
+
+    def on_epoch(record):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            request_stop()
+
+    with pytest.raises(TrainingStopped):
+        train(samples, stopped, out, progress=False, on_epoch=on_epoch)
+    resumed = train(samples, config, out, resume=True, progress=False)
+    _assert_same(_weights(resumed.model), averaged, atol=1e-6)
+    with pytest.raises(TrainingError, match="settings differ"):
+        train(samples, TrainConfig(epochs=4, **SMALL), out, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), True])
+def test_a_weight_average_half_life_must_be_a_non_negative_number(bad):
+    with pytest.raises(TrainingError, match="--ema"):
+        TrainConfig(ema=bad).validate()
