@@ -79,13 +79,13 @@ def _apply_prefill(names: list[str]) -> None:
         st.session_state["train::backbone"] = prefill["backbone"]
 
 
-def _beyond_paper_options() -> dict[str, str]:
+def _beyond_paper_options() -> dict[str, str | float]:
     """The options beyond the paper (issue 11), folded away; only those changed are returned,
     so the default stays the paper's recipe."""
-    chosen: dict[str, str] = {}
+    chosen: dict[str, str | float] = {}
     with st.expander("Beyond the paper (input geometry, teacher adaptation, augmentation, "
-                     "learning-rate schedule)"):
-        columns = st.columns(4)
+                     "learning-rate schedule, weight average)"):
+        columns = st.columns(5)
         resize = columns[0].selectbox(
             "Input geometry", list(RESIZE_MODES), key="train::resize",
             help="squash: the paper (resize to the square); letterbox: keep the aspect ratio; "
@@ -104,10 +104,17 @@ def _beyond_paper_options() -> dict[str, str]:
             "Learning rate", list(LR_SCHEDULES), key="train::lr_schedule",
             help="constant: the paper; cosine: falls toward 0 over the epochs, so the saved "
             "model does not land on one of the loss spikes of a constant rate.")
+        ema = columns[4].number_input(
+            "Weight average (epochs)", min_value=0.0, max_value=100.0, value=0.0, step=0.5,
+            key="train::ema",
+            help="0: save the last weights (the paper); E: save a moving average of the "
+            "student's weights with a half-life of E epochs, which damps the loss spikes "
+            "without lowering the rate (1 is a good start).")
     for option, value, default in (("resize", resize, "squash"),
                                    ("teacher_adapt", adapt, "none"),
                                    ("augment", augment, "none"),
-                                   ("lr_schedule", schedule, "constant")):
+                                   ("lr_schedule", schedule, "constant"),
+                                   ("ema", float(ema), 0.0)):
         if value != default:
             chosen[option] = value
     return chosen
