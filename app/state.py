@@ -31,7 +31,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from rd import results
+from rd import foreground, results
 from rd.data import DataError, MVTecCategory, Sample, list_categories, read_image_bytes
 from rd.data.sources import BUILTIN, DataSource, available_sources
 from rd.data.synthetic import SYNTHETIC_CATEGORIES, ensure_builtin_dataset
@@ -275,8 +275,10 @@ def _wait_for_report(category: str) -> None:
 
 
 def note_activity() -> None:
-    """A user interacted (a page or an interactive fragment ran)."""
+    """A user interacted (a page or an interactive fragment ran): this process's background
+    work waits (``wait_for_quiet``), and training jobs pause (``rd.foreground``)."""
     _ACTIVITY["last"] = time.monotonic()
+    foreground.note_use()
 
 
 def wait_for_quiet(seconds: float | None = None) -> None:

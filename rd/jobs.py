@@ -80,6 +80,7 @@ from typing import Any
 
 import torch
 
+from rd import foreground
 from rd.checkpoints import read_metadata
 from rd.data import MVTecCategory, list_categories
 from rd.errors import RDError
@@ -278,6 +279,10 @@ def _validated(config: TrainConfig, data: Path, category: str, evaluate: bool, n
     if not isinstance(config, TrainConfig):
         raise JobError(f"a job needs a TrainConfig, got {type(config).__name__}")
     _priority()  # a bad $RD_JOBS_PRIORITY is refused before a job exists
+    try:
+        foreground.yield_seconds()  # and a bad $RD_JOBS_YIELD_S
+    except ValueError as error:
+        raise JobError(str(error)) from None
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise JobError(f"the number of processes must be a whole number >= 1, got {nproc!r}")
     try:
@@ -411,6 +416,9 @@ def cancel(job_id: str, root: str | Path | None = None) -> Job:
             job = _set(job, cancel_requested_at=time.time(), message="stopping…")
         if _alive(job.status):
             os.kill(job.status["pid"], signal.SIGTERM)
+            for pid in foreground.process_tree(job.status["pid"]):  # paused for the studio:
+                with contextlib.suppress(ProcessLookupError):  # it stops now, not when quiet
+                    os.kill(pid, signal.SIGCONT)
     return job
 
 
@@ -529,7 +537,15 @@ def run_job(job_id: str, root: str | Path | None = None) -> int:
         raise JobError(f"job {job_id} is {job.state}, not started as this process: "
                        "`jobs run` is what the scheduler starts; use `jobs resume`")
     signal.signal(signal.SIGTERM, lambda *_: request_stop())  # honoured from the first step
-    code = _train(job)
+    try:
+        watcher = foreground.start_watcher(os.getpid())  # paused while the studio is in use
+    except ValueError as error:
+        print(f"warning: {error}: this job does not pause for the studio", flush=True)
+        watcher = None
+    try:
+        code = _train(job)
+    finally:
+        foreground.stop_watcher(watcher)
     registered = code == 0 and _reported(lambda: _register(job))
     with _locked(root):
         job = get(job_id, root)

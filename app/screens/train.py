@@ -257,6 +257,9 @@ def _jobs_panel() -> None:
     if not all_jobs:
         st.caption(f"No jobs yet. They are kept in {jobs.jobs_root()}.")
         return
+    if any(job.state == "running" for job in all_jobs):
+        st.caption("Running jobs pause while you click in the studio and go on after a few "
+                   "quiet seconds, so pages answer at full speed ($RD_JOBS_YIELD_S).")
     st.dataframe(_table(all_jobs), hide_index=True, column_config={
         "progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
                                                     format="percent"),

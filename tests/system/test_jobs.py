@@ -271,3 +271,51 @@ def test_a_stop_mid_epoch_resumes_exactly(tiny_mvtec, tmp_path):
     for key, value in straight.model.student_state_dict().items():
         assert (resumed.model.student_state_dict()[key].float() - value.float()).abs().max() \
             <= 1e-6, key
+
+
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_job_pauses_while_the_studio_is_used_and_a_cancel_still_stops_it(root, tiny,
+                                                                           monkeypatch):
+    """rd.foreground end to end: the studio's mark pauses a running job (no epoch is logged
+    while it is paused), quiet lets it go on, and a cancel stops a paused job at once."""
+    from rd import foreground
+
+    monkeypatch.setenv(foreground.YIELD_ENV, "1")  # the job process inherits it
+    job = submit([*tiny, "--epochs", "500", "--checkpoint-every", "1"])
+    job = _wait(job.id, ("running",), records=2)
+    pid = job.status["pid"]
+
+    def touch_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            foreground.note_use()
+            time.sleep(0.1)
+
+    touch_for(0.5)
+    assert _process_state(pid) == "T"
+    logged = len(job.metrics())
+    touch_for(2.0)  # an epoch here takes a fraction of a second when the job runs
+    assert _process_state(pid) == "T" and len(job.metrics()) == logged
+    _wait(job.id, ("running",), records=logged + 2, timeout=30)  # quiet: it goes on
+
+    touch_for(0.5)
+    assert _process_state(pid) == "T"
+    jobs.cancel(job.id)
+    deadline = time.monotonic() + 20
+    while (job := jobs.get(job.id)).state == "running":  # the studio stays in use meanwhile
+        assert time.monotonic() < deadline, job.log_tail()
+        touch_for(0.2)
+        jobs.schedule()
+    assert job.state == "cancelled" and job.status["exit_code"] == STOPPED_EXIT
+
+    def command(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and "rd.foreground" in command(p)]

@@ -25,6 +25,7 @@ def _imported_after(statement: str) -> list[str]:
     "import rd.data.synthetic; rd.data.synthetic.SYNTHETIC_CATEGORIES  # a built-in listing",
     "import app.sidebar; import rd.devices; rd.devices.device_choices()",
     "import rd.backbones; rd.backbones.list_backbones(); rd.backbones.get_backbone('resnet18')",
+    "import rd.foreground  # each job's watcher process, and the studio's every click",
 ])
 def test_first_page_data_path_does_not_import_torch_scipy_or_pandas(statement):
     assert _imported_after(statement) == []

@@ -1,0 +1,92 @@
+"""rd.foreground: a job's processes pause while the studio is used, and continue after."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rd import foreground
+
+# a parent that starts a child, both idling: the job process and a torchrun rank below it
+FAMILY = ("import subprocess, sys, time\n"
+          "child = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: "
+          "time.sleep(0.01)'])\n"
+          "print(child.pid, flush=True)\n"
+          "while True: time.sleep(0.01)\n")
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def family():
+    parent = subprocess.Popen([sys.executable, "-c", FAMILY], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+    yield parent.pid, child
+    for pid in (child, parent.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+    parent.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_job_and_its_children_pause_while_the_studio_is_used(family, tmp_path, monkeypatch):
+    """The mark touched: the job process and its child stop within a poll; quiet for the
+    yield time: both continue; the watcher told to stop while they are paused continues them
+    first."""
+    monkeypatch.setenv("RD_HOME", str(tmp_path))
+    parent, child = family
+    assert sorted(foreground.process_tree(parent)) == sorted([parent, child])
+    monkeypatch.setenv(foreground.YIELD_ENV, "0.6")
+    watcher = foreground.start_watcher(parent)
+    try:
+        time.sleep(0.3)
+        assert _state(parent) != "T" and _state(child) != "T"  # nobody used the studio yet
+        foreground.note_use()
+        assert _until(lambda: _state(parent) == "T" and _state(child) == "T", timeout=2)
+        assert _until(lambda: _state(parent) != "T" and _state(child) != "T", timeout=3)
+        foreground.note_use()
+        assert _until(lambda: _state(parent) == "T", timeout=2)
+    finally:
+        foreground.stop_watcher(watcher)
+    assert watcher.returncode is not None
+    assert _state(parent) != "T" and _state(child) != "T"
+
+
+def test_pausing_is_off_at_zero_and_a_bad_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(foreground.YIELD_ENV, "0")
+    assert foreground.start_watcher(os.getpid()) is None
+    for bad in ("-1", "soon", "1e9"):
+        monkeypatch.setenv(foreground.YIELD_ENV, bad)
+        with pytest.raises(ValueError, match=foreground.YIELD_ENV):
+            foreground.yield_seconds()
+    monkeypatch.delenv(foreground.YIELD_ENV)
+    assert foreground.yield_seconds() == foreground.DEFAULT_YIELD_S
+
+
+def test_recently_used_reads_the_marks_age(tmp_path):
+    mark = tmp_path / "foreground"
+    assert not foreground.recently_used(mark, 2.0)  # no studio ever ran here
+    mark.touch()
+    now = mark.stat().st_mtime
+    assert foreground.recently_used(mark, 2.0, now=now + 1.9)
+    assert not foreground.recently_used(mark, 2.0, now=now + 2.1)
