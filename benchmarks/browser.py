@@ -16,7 +16,8 @@ server); all are reported by their median.
     python -m benchmarks.browser [--quick] [--home DIR] [--repeats N] [--restarts N] [--beside-job]
 
 ``--beside-job`` measures the same with a training job running, started as the Train page
-starts one (``rd.jobs``: its own process at the jobs' CPU priority, ``$RD_JOBS_PRIORITY``):
+starts one (``rd.jobs``: its own process at the jobs' CPU priority, ``$RD_JOBS_PRIORITY``,
+paused while the studio is used, ``$RD_JOBS_YIELD_S``; 0 measures a job that never pauses):
 300 epochs of Lite0 on built-in wood, cancelled at the end.
 """
 
@@ -96,16 +97,21 @@ def serve(home: Path, log: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def training_job(folder: Path) -> Iterator[None]:
-    """A long training job beside the app, from its first logged epoch until cancelled."""
+def training_job(folder: Path, home: Path) -> Iterator[None]:
+    """A long training job beside the app, from its first logged epoch until cancelled.
+
+    Its process has the studio's data home, as when the Train page starts it (so it pauses
+    while the studio is used, rd.foreground; ``RD_JOBS_YIELD_S=0`` measures it without), but
+    trains on data of its own, so that the studio's home stays empty for the fresh start; the
+    job writes nothing there before it would finish (300 epochs: it is cancelled first)."""
     from rd import jobs
     from rd.data import ensure_builtin_dataset
     from rd.training import TrainConfig
 
-    root, home = folder / "jobs", folder / "job-home"
-    data = ensure_builtin_dataset(home / "builtin")
+    root = folder / "jobs"
+    data = ensure_builtin_dataset(folder / "job-data" / "builtin")
     previous = os.environ.get("RD_HOME")
-    os.environ["RD_HOME"] = str(home)  # inherited by the job's process: its models land there
+    os.environ["RD_HOME"] = str(home)  # inherited by the job's process
     try:
         job = jobs.submit(TrainConfig(epochs=300), data, "wood", name="beside the app",
                           root=root)
@@ -309,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rd-browser-") as folder:
         home = args.home or Path(folder) / "home"
-        with training_job(Path(folder)) if args.beside_job else contextlib.nullcontext():
+        with (training_job(Path(folder), home) if args.beside_job
+              else contextlib.nullcontext()):
             times = run(home, Path(folder), repeats, args.category,
                         1 if args.quick else args.restarts)
     load_after = os.getloadavg()
@@ -320,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     write_json(args.json, {"times_s": times, "targets_s": TARGETS_S, "repeats": repeats,
                            "category": args.category, "beside_job": args.beside_job,
+                           "jobs_yield_s": os.environ.get("RD_JOBS_YIELD_S"),
                            "restarts": 1 if args.quick else args.restarts,
                            "load_before": load_before,
                            "load_after": load_after,
