@@ -57,6 +57,8 @@ ROWS: dict[str, dict[str, Any]] = {
                                            "lr_schedule": "cosine"},
     # round 6: the last weights replaced by their moving average (half-life one epoch)
     "multiscale + augment auto + ema": {"resize": "multiscale", "augment": "auto", "ema": 1.0},
+    "multiscale + augment auto + ema 0.5": {"resize": "multiscale", "augment": "auto",
+                                            "ema": 0.5},
     "preset robust": {"preset": "robust"},
 }
 TILE_SCALE = {"hazelnut": 0.5, "transistor": 0.5}
