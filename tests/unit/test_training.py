@@ -189,11 +189,28 @@ def test_a_resume_state_without_its_epoch_is_a_clear_error(samples, tmp_path):
         train(samples, TrainConfig(epochs=2, **SMALL), out, resume=True, progress=False)
 
 
+def _stop_in_epoch_3(samples, config: TrainConfig, out) -> None:
+    """Train ``config`` into ``out`` and stop it on request after the first step of epoch 3
+    (a resume state is written every epoch)."""
+    from rd.training import TrainingStopped, request_stop
+
+    stopped = TrainConfig(**{**config.to_dict(), "betas": config.betas, "checkpoint_every": 1})
+    epochs = []
+
+    def on_epoch(record):
+        epochs.append(record["epoch"])
+        if len(epochs) == 2:
+            request_stop()
+
+    with pytest.raises(TrainingStopped):
+        train(samples, stopped, out, progress=False, on_epoch=on_epoch)
+
+
 def test_cosine_schedule_falls_toward_zero_and_resumes_exactly(samples, tmp_path):
     """--lr-schedule cosine: --lr at the first epoch, falling toward 0 (the log says each
     epoch's rate); a function of the epoch, so a stopped run resumes on the same path; the
     constant default is the paper's rate throughout."""
-    from rd.training import TrainingStopped, epoch_lr, request_stop
+    from rd.training import epoch_lr
 
     cosine = TrainConfig(epochs=3, lr_schedule="cosine", **SMALL)
     rates = [epoch_lr(cosine, e) for e in (1, 2, 3)]
@@ -205,16 +222,7 @@ def test_cosine_schedule_falls_toward_zero_and_resumes_exactly(samples, tmp_path
 
     straight = train(samples, cosine, tmp_path / "a.safetensors", progress=False)
     out = tmp_path / "b.safetensors"
-    stopped = TrainConfig(**{**cosine.to_dict(), "betas": cosine.betas, "checkpoint_every": 1})
-    stop_after_two = {"calls": 0}
-
-    def on_epoch(record):
-        stop_after_two["calls"] += 1
-        if stop_after_two["calls"] == 2:
-            request_stop()
-
-    with pytest.raises(TrainingStopped):  # after the first step of epoch 3
-        train(samples, stopped, out, progress=False, on_epoch=on_epoch)
+    _stop_in_epoch_3(samples, cosine, out)
     resumed = train(samples, cosine, out, resume=True, progress=False)
     assert resumed.losses == pytest.approx(straight.losses[2:], abs=1e-6)
     _assert_same(_weights(resumed.model), _weights(straight.model), atol=1e-6)
@@ -251,7 +259,6 @@ def test_weight_average_is_what_is_saved_and_resumes_exactly(samples, tmp_path):
     of the same seed ends on); a run stopped mid-epoch resumes to the same average; the
     recipe records it, the paper's recipe does not name it."""
     from rd.checkpoints import load_checkpoint
-    from rd.training import TrainingStopped, request_stop
 
     config = TrainConfig(epochs=3, ema=1.0, **SMALL)
     assert config.recipe()["ema"] == 1.0 and "ema" not in TrainConfig().recipe()
@@ -265,16 +272,7 @@ def test_weight_average_is_what_is_saved_and_resumes_exactly(samples, tmp_path):
     assert any(not torch.allclose(last[k].float(), averaged[k].float()) for k in last)
 
     out = tmp_path / "b.safetensors"
-    stopped = TrainConfig(**{**config.to_dict(), "betas": config.betas, "checkpoint_every": 1})
-    calls = {"n": 0}
-
-    def on_epoch(record):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            request_stop()
-
-    with pytest.raises(TrainingStopped):
-        train(samples, stopped, out, progress=False, on_epoch=on_epoch)
+    _stop_in_epoch_3(samples, config, out)
     resumed = train(samples, config, out, resume=True, progress=False)
     _assert_same(_weights(resumed.model), averaged, atol=1e-6)
     with pytest.raises(TrainingError, match="settings differ"):
