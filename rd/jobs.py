@@ -24,7 +24,9 @@ Streamlit script run that started it. With one process it runs the pipeline
 torch.distributed.run --standalone --nproc-per-node N -m rd jobs rank ID`` (each rank runs the
 same pipeline; DDP semantics: ``rd.training``) and waits for it. When training succeeds it
 registers the checkpoint in the user manifest (``rd.pipeline.register_model``, with the
-evaluation report stored in it), so the app lists the model at once.
+evaluation report stored in it), so the app lists the model at once. While it trains, a watcher
+pauses its processes whenever a studio on the same data home is being used (``rd.foreground``,
+``$RD_JOBS_YIELD_S``).
 
 **Scheduling without a daemon.** ``schedule()`` is one step: it marks "running" jobs whose
 processes are gone, forces overdue cancellations, then starts queued jobs in queue order while a
