@@ -48,6 +48,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "multiscale": {"resize": "multiscale"},
     "bn": {"teacher_adapt": "bn"},
     "augment auto": {"augment": "auto"},
+    "ema": {"ema": 1.0},
     "ssl": {"teacher_adapt": "ssl"},
     # combinations of the options that won somewhere (round 3)
     "bn + augment auto": {"teacher_adapt": "bn", "augment": "auto"},
