@@ -54,6 +54,17 @@ SETTLED = """() => {
   return app !== null && app.getAttribute('data-test-script-state') === 'notRunning'
     && document.querySelector('[data-stale="true"]') === null;
 }"""
+# The shared threshold as Evaluate prints it ("At threshold 0.9472 (shared with ...)")
+THRESHOLD_SHOWN = """() => {
+  const line = [...document.querySelectorAll('p')]
+    .find(p => p.innerText.includes('shared with Inspect and Review'));
+  return line ? line.innerText.split(' ')[2] : null;
+}"""
+# The histogram's threshold line is labelled with that value
+HISTOGRAM_SHOWS = """(value) => [...document.querySelectorAll('.js-plotly-plot .annotation-text')]
+  .some(label => label.textContent.includes(value))"""
+# Resolves after the next frame has been painted
+PAINTED = """() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"""
 IMAGES_LOADED = """(caption) => {
   const images = [...document.querySelectorAll('[data-testid="stImage"]')]
     .filter(block => block.innerText.includes(caption))
@@ -220,21 +231,27 @@ def inspect_steps(page: Any, repeats: int) -> dict[str, list[float]]:
 
 def threshold_moves(page: Any, repeats: int) -> list[float]:
     """Evaluate: move the threshold slider one step with the keyboard until the page settles
-    with the new value drawn."""
+    with the new value drawn: the threshold line's label in the histogram shows the new value
+    and the browser has painted.
+
+    Waiting for the new value itself matters: an earlier version waited for *a* paragraph
+    starting "At threshold" to differ from the first one, which a second such paragraph
+    satisfied at once, so a move whose rerun had not started 50 ms after the key press
+    counted as settled at ≈0.1 s (docs/performance.md, round 6)."""
     go_to(page, "Evaluate")
     page.locator(".js-plotly-plot").first.wait_for(timeout=START_TIMEOUT_S * 1000)
     settle(page)
     thumb = page.get_by_role("slider").first
     times = []
     for index in range(repeats):
-        before = page.get_by_text("At threshold").first.inner_text()
+        before = page.evaluate(THRESHOLD_SHOWN)
         key = "ArrowRight" if index % 2 == 0 else "ArrowLeft"
 
         def wait(before: str = before) -> None:
-            page.wait_for_function(
-                "text => [...document.querySelectorAll('p')].some(p => p.innerText"
-                ".startsWith('At threshold') && p.innerText !== text)", arg=before)
+            page.wait_for_function(f"old => ({THRESHOLD_SHOWN})() !== old", arg=before)
             settle(page)
+            page.wait_for_function(HISTOGRAM_SHOWS, arg=page.evaluate(THRESHOLD_SHOWN))
+            page.evaluate(PAINTED)
 
         times.append(timed(lambda key=key: thumb.press(key), wait))
     return times
