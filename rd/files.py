@@ -65,6 +65,16 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of Linux's ``/proc/PID/stat`` after the command name (state first, then the
+    parent's pid, ...); None when there is no such process or no ``/proc``."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
 BACKGROUND_PRIORITIES = "'idle' or a niceness from 0 to 19"
 
 

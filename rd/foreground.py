@@ -1,8 +1,9 @@
 """Training jobs pause while someone uses the studio, so a click never waits on the CPU.
 
-On the 2-core machine the studio is measured on, a training job beside it slows a click's
-answer even at SCHED_IDLE (its memory traffic and the cores' shared caches are not scheduled
-away; docs/performance.md, "Round 6"). So the studio marks each interaction by touching
+On the 2-core machine the studio is measured on, a training job beside it slowed the studio
+even at SCHED_IDLE (a warm restart 3.3 s instead of 2.4 s; likely its memory traffic and the
+shared caches, which no CPU priority schedules away; docs/performance.md, "Round 6"). So the
+studio marks each interaction by touching
 ``<data home>/foreground`` (``note_use``), and every job process runs a small watcher
 (``python -m rd.foreground PID``, started by ``start_watcher``) that stops the job's processes
 (SIGSTOP: the job process and all it started, torchrun's ranks included) while that mark is
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from rd.files import data_home, die_with_parent
+from rd.files import data_home, die_with_parent, proc_stat
 
 YIELD_ENV = "RD_JOBS_YIELD_S"
 DEFAULT_YIELD_S = 2.0
@@ -101,14 +102,9 @@ def process_tree(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
+            fields = proc_stat(entry) if entry.isdigit() else None
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
     tree, todo = [], [pid]
     while todo:
         current = todo.pop()

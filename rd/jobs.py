@@ -94,6 +94,7 @@ from rd.files import (
     die_with_parent,
     file_sha256,
     lower_priority,
+    proc_stat,
 )
 from rd.manifest import read_manifest, user_manifest
 from rd.model import resolve_device
@@ -748,12 +749,8 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def _stat(pid: int) -> tuple[str, int, str] | None:
     """(state, process group, start time) of a process from /proc; None if there is none."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = text[text.rindex(")") + 2:].split()
-    return rest[0], int(rest[2]), rest[19]
+    fields = proc_stat(pid)
+    return None if fields is None else (fields[0], int(fields[2]), fields[19])
 
 
 def _identity(pid: int) -> str | None:

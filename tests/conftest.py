@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rd.files import proc_stat
+
 SHARED_MVTEC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_subset"
 
 
@@ -209,5 +211,9 @@ def save_seeded_checkpoint(path: Path, size: int, threshold: float | None = None
 
 def scheduling_policy(pid: int) -> int:
     """A Linux process's scheduling policy (field 41 of /proc/PID/stat; os.SCHED_IDLE is 5)."""
-    with open(f"/proc/{pid}/stat") as handle:
-        return int(handle.read().rsplit(")", 1)[1].split()[38])
+    return int(proc_stat(pid)[38])
+
+
+def process_state(pid: int) -> str:
+    """A Linux process's state letter ("T": stopped, e.g. paused by rd.foreground)."""
+    return proc_stat(pid)[0]

@@ -23,7 +23,7 @@ from rd.training import (
     resume_path,
     train,
 )
-from tests.conftest import scheduling_policy
+from tests.conftest import process_state, scheduling_policy
 
 
 @pytest.fixture
@@ -273,10 +273,6 @@ def test_a_stop_mid_epoch_resumes_exactly(tiny_mvtec, tmp_path):
             <= 1e-6, key
 
 
-def _process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_a_job_pauses_while_the_studio_is_used_and_a_cancel_still_stops_it(root, tiny,
                                                                            monkeypatch):
@@ -296,14 +292,14 @@ def test_a_job_pauses_while_the_studio_is_used_and_a_cancel_still_stops_it(root,
             time.sleep(0.1)
 
     touch_for(0.5)
-    assert _process_state(pid) == "T"
+    assert process_state(pid) == "T"
     logged = len(job.metrics())
     touch_for(2.0)  # an epoch here takes a fraction of a second when the job runs
-    assert _process_state(pid) == "T" and len(job.metrics()) == logged
+    assert process_state(pid) == "T" and len(job.metrics()) == logged
     _wait(job.id, ("running",), records=logged + 2, timeout=30)  # quiet: it goes on
 
     touch_for(0.5)
-    assert _process_state(pid) == "T"
+    assert process_state(pid) == "T"
     jobs.cancel(job.id)
     deadline = time.monotonic() + 20
     while (job := jobs.get(job.id)).state == "running":  # the studio stays in use meanwhile

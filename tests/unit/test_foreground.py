@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rd import foreground
+from tests.conftest import process_state
 
 # a parent that starts a child, both idling: the job process and a torchrun rank below it
 FAMILY = ("import subprocess, sys, time\n"
@@ -22,8 +23,9 @@ FAMILY = ("import subprocess, sys, time\n"
           "while True: time.sleep(0.01)\n")
 
 
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def _stopped(*pids: int) -> bool:
+    """Whether any of ``pids`` is stopped (SIGSTOP)."""
+    return any(process_state(pid) == "T" for pid in pids)
 
 
 def _until(condition, timeout: float = 5.0) -> bool:
@@ -60,16 +62,16 @@ def test_a_job_and_its_children_pause_while_the_studio_is_used(family, tmp_path,
     watcher = foreground.start_watcher(parent)
     try:
         time.sleep(0.3)
-        assert _state(parent) != "T" and _state(child) != "T"  # nobody used the studio yet
+        assert not _stopped(parent, child)  # nobody used the studio yet
         foreground.note_use()
-        assert _until(lambda: _state(parent) == "T" and _state(child) == "T", timeout=2)
-        assert _until(lambda: _state(parent) != "T" and _state(child) != "T", timeout=3)
+        assert _until(lambda: _stopped(parent) and _stopped(child), timeout=2)
+        assert _until(lambda: not _stopped(parent, child), timeout=3)
         foreground.note_use()
-        assert _until(lambda: _state(parent) == "T", timeout=2)
+        assert _until(lambda: _stopped(parent), timeout=2)
     finally:
         foreground.stop_watcher(watcher)
     assert watcher.returncode is not None
-    assert _state(parent) != "T" and _state(child) != "T"
+    assert not _stopped(parent, child)
 
 
 def test_pausing_is_off_at_zero_and_a_bad_setting_is_refused(monkeypatch):
