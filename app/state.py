@@ -31,6 +31,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from app import memory
 from rd import foreground, results
 from rd.data import DataError, MVTecCategory, Sample, list_categories, read_image_bytes
 from rd.data.sources import BUILTIN, DataSource, available_sources
@@ -276,9 +277,18 @@ def _wait_for_report(category: str) -> None:
 
 def note_activity() -> None:
     """A user interacted (a page or an interactive fragment ran): this process's background
-    work waits (``wait_for_quiet``), and training jobs pause (``rd.foreground``)."""
+    work waits (``wait_for_quiet``), training jobs pause (``rd.foreground``), and what survived
+    the last run leaves the garbage collector's reach (``app.memory``)."""
     _ACTIVITY["last"] = time.monotonic()
     foreground.note_use()
+    memory.freeze_survivors()
+    _full_collections()
+
+
+@functools.cache
+def _full_collections() -> threading.Thread:
+    """The process's one thread of full collections at quiet moments (``app.memory``)."""
+    return memory.collect_fully_when_quiet(wait_for_quiet)
 
 
 def wait_for_quiet(seconds: float | None = None) -> None:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
 SOURCE = "twoparts"
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_afterwards():
+    """Page runs freeze the objects alive (app/memory.py): the test process lets the garbage
+    collector see them again once a test is over."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture
