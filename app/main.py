@@ -36,3 +36,4 @@ try:
 finally:  # also when the page stops early (st.stop) or reruns
     sidebar.check_jobs_at_start()
     state.complete_builtin_in_background(str(state.data_home()))
+    state.note_run_ended()

@@ -39,7 +39,7 @@ from rd.data.synthetic import SYNTHETIC_CATEGORIES, ensure_builtin_dataset
 from rd.decision import ImageDetection
 from rd.decision import verdict as verdict  # the pages' one rule (score >= threshold)
 from rd.errors import RDError
-from rd.files import atomic_write, data_home
+from rd.files import atomic_write, background_python, data_home
 from rd.manifest import ModelEntry
 
 if TYPE_CHECKING:  # torch: imported when a model is loaded, not for the first page's images
@@ -126,16 +126,22 @@ def ensure_category(source: DataSource, category: str) -> None:
         ensure_builtin_dataset(source.root, [category])
 
 
+_GENERATE = ("from rd.data.synthetic import ensure_builtin_dataset\n"
+             "ensure_builtin_dataset(sys.argv[1])\n")
+
+
 @st.cache_resource(show_spinner=False)
 def complete_builtin_in_background(home: str) -> None:
-    """Once per data home: the built-in categories not generated yet, in a thread that starts
-    at the first quiet moment (the first page never waits for them)."""
+    """Once per data home: the built-in categories not generated yet, at the first quiet
+    moment (the first page never waits for them), in a child process that pauses whenever the
+    studio is used again (``rd.foreground.run_yielding``: generated in this process, its
+    threads held the interpreter while a user clicked)."""
     source = next(s for s in data_sources() if s.name == BUILTIN)
 
     def generate() -> None:
         wait_for_quiet()
-        with contextlib.suppress(DataError, OSError):  # the sidebar says so when it matters
-            ensure_builtin_dataset(source.root)
+        with contextlib.suppress(OSError):  # the sidebar says so when it matters
+            foreground.run_yielding(background_python(_GENERATE, str(source.root)))
 
     del home  # cache key only
     threading.Thread(target=generate, name="builtin-data", daemon=True).start()
@@ -219,13 +225,24 @@ def preload_model(chosen: Selection) -> None:
 
     def load() -> None:
         wait_for_quiet(PRELOAD_QUIET_S)
+        if _EXITING.is_set():
+            return
         with contextlib.suppress(RDError, OSError, ValueError):
             stat = entry.path.stat()
             path = _verified(str(entry.path), entry.sha256, stat.st_mtime_ns, stat.st_size,
                              entry)
             load_model(path, Path(path).stat().st_mtime, device)
 
-    threading.Thread(target=load, name="rd-preload-model", daemon=True).start()
+    thread = threading.Thread(target=load, name="rd-preload-model", daemon=True)
+    thread.start()
+    atexit.register(_finish_at_exit, thread)
+
+
+def _finish_at_exit(thread: threading.Thread) -> None:
+    """A thread killed inside torch at exit aborts the process ("terminate called without an
+    active exception"): one that has not started loading stops, one that has finishes."""
+    _EXITING.set()
+    thread.join(timeout=120)
 
 
 _PRELOADS: set[tuple[str, str]] = set()
@@ -276,13 +293,24 @@ def _wait_for_report(category: str) -> None:
 
 
 def note_activity() -> None:
-    """A user interacted (a page or an interactive fragment ran): this process's background
-    work waits (``wait_for_quiet``), training jobs pause (``rd.foreground``), and what survived
-    the last run leaves the garbage collector's reach (``app.memory``)."""
-    _ACTIVITY["last"] = time.monotonic()
-    foreground.note_use()
+    """A user's run starts (a page or an interactive fragment): this process's background
+    work waits (``wait_for_quiet``), training jobs and background processes pause
+    (``rd.foreground``), and what survived the last run leaves the garbage collector's reach
+    (``app.memory``)."""
+    _mark_use()
     memory.freeze_survivors()
     _full_collections()
+
+
+def note_run_ended() -> None:
+    """A user's run ended: the quiet counts from now, not from its start (a first page that
+    loads a model for seconds is not a quiet moment for background work to start in)."""
+    _mark_use()
+
+
+def _mark_use() -> None:
+    _ACTIVITY["last"] = time.monotonic()
+    foreground.note_use()
 
 
 @functools.cache
@@ -305,7 +333,10 @@ def interactive_fragment(function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> Any:
         note_activity()
-        return function(*args, **kwargs)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            note_run_ended()
 
     return st.fragment(run)
 
@@ -326,9 +357,10 @@ def _model_slot(path: str, mtime: float, device: str) -> dict[str, Detector]:
 
     Exporting a graph the first time takes 10–60 s on a CPU: a user must not wait for it to see
     the first image, nor find the pages slow meanwhile. A background thread waits for a quiet
-    moment (``wait_for_quiet``), then runs the export in a child process at idle priority
-    (rd.runtime.build_cache_process, which checks every output against torch within 1e-5) and
-    swaps the cached graph in. The stored scores are the verdict either way.
+    moment (``wait_for_quiet``), then runs the export in a child process at idle priority that
+    pauses while the studio is used (rd.runtime.build_cache_process, which checks every output
+    against torch within 1e-5; rd.foreground.run_yielding) and swaps the cached graph in. The
+    stored scores are the verdict either way.
     """
     del mtime
     from rd.detector import load
@@ -341,9 +373,7 @@ def _model_slot(path: str, mtime: float, device: str) -> dict[str, Detector]:
     def upgrade() -> None:
         with contextlib.suppress(Exception):  # any failure: torch keeps serving
             wait_for_quiet()
-            export = build_cache_process(path)
-            export.communicate()
-            if export.returncode != 0:
+            if foreground.run_yielding(build_cache_process(path)) != 0:
                 return
             faster, choice = select_runtime(load(path, device), path)
             if choice.name == "onnxruntime":

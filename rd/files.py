@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -63,6 +64,18 @@ def die_with_parent() -> None:
 
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def background_python(code: str, *args: str) -> subprocess.Popen:
+    """Run Python ``code`` (its arguments in ``sys.argv[1:]``) in a child process at background
+    priority (``lower_priority``) that dies with its parent; its stderr is piped."""
+    prologue = ("import sys\n"
+                "from rd.files import die_with_parent, lower_priority\n"
+                "lower_priority()\n"
+                "die_with_parent()\n")
+    return subprocess.Popen([sys.executable, "-c", prologue + code, *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
 
 
 def proc_stat(pid: int | str) -> list[str] | None:

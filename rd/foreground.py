@@ -11,6 +11,8 @@ younger than ``$RD_JOBS_YIELD_S`` seconds (default 2; 0: never pause) and contin
 (SIGCONT) once the studio has been quiet that long. A job started where no studio runs is never
 paused; one paused for a studio that then dies continues after the same quiet time. The watcher
 dies with its job (``die_with_parent``) and continues whatever it stopped when told to stop.
+The studio's own background processes (an ONNX export, generated data) yield the same way
+(``run_yielding``).
 
 Torch-free: the studio imports this on its first page.
 """
@@ -86,6 +88,22 @@ def stop_watcher(watcher: subprocess.Popen | None) -> None:
     if watcher.poll() is None:
         watcher.kill()
         watcher.wait()
+
+
+def run_yielding(process: subprocess.Popen) -> int:
+    """Wait for a background ``process`` of the studio (an export, generated data), paused
+    while the studio is used as a job is; its exit code. Its output is read and dropped.
+
+    A bad ``$RD_JOBS_YIELD_S`` (refused when a job is submitted) leaves it unpaused here."""
+    try:
+        watcher = start_watcher(process.pid)
+    except ValueError:
+        watcher = None
+    try:
+        process.communicate()
+    finally:
+        stop_watcher(watcher)
+    return process.returncode
 
 
 def recently_used(mark: Path, seconds: float, now: float | None = None) -> bool:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ import torch
 
 from rd.detector import CPU_CHUNK, DetectionError, Detector, load
 from rd.errors import RDError
-from rd.files import data_home, file_sha256
+from rd.files import background_python, data_home, file_sha256
 from rd.model import Prediction
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -137,18 +136,12 @@ def build_cache(checkpoint: str | Path) -> Path:
 
 
 def build_cache_process(checkpoint: str | Path) -> subprocess.Popen:
-    """``build_cache`` in a child process at background priority (rd.files.lower_priority): a
-    server (the studio) keeps answering at full speed, and its threads do not wait on the
+    """``build_cache`` in a child process at background priority (rd.files.background_python):
+    a server (the studio) keeps answering at full speed, and its threads do not wait on the
     exporter's Python work (the export holds the interpreter lock most of its 10-60 s). The
     child dies with its parent."""
-    code = ("import sys\n"
-            "from rd.files import die_with_parent, lower_priority\n"
-            "lower_priority()\n"
-            "die_with_parent()\n"
-            "from rd.runtime import build_cache\n"
-            "build_cache(sys.argv[1])\n")
-    return subprocess.Popen([sys.executable, "-c", code, str(checkpoint)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return background_python("from rd.runtime import build_cache\nbuild_cache(sys.argv[1])\n",
+                             str(checkpoint))
 
 
 def _stamp(path: Path, key: str) -> None:

@@ -62,3 +62,37 @@ def test_a_page_run_counts_as_activity(studio):
     app = Path(__file__).resolve().parents[2] / "app" / "main.py"
     AppTest.from_file(str(app), default_timeout=120).run()
     assert state._ACTIVITY["last"] > before
+
+
+def _fragment_script() -> None:
+    import streamlit as st
+
+    from app import state
+
+    @state.interactive_fragment
+    def part() -> None:
+        st.button("again")
+
+    part()
+
+
+def test_the_quiet_counts_from_the_end_of_each_run(studio, monkeypatch):
+    """A first page that loads a model for seconds is not a quiet moment: background work (the
+    export, generated data) waits QUIET_S after a page's or a fragment's run *ends*."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from app import state
+
+    marks: list[str] = []
+    monkeypatch.setattr(state, "note_run_ended", lambda: marks.append("end"))
+    monkeypatch.setattr(state, "note_activity", lambda: marks.append("start"))
+    app = Path(__file__).resolve().parents[2] / "app" / "main.py"
+    AppTest.from_file(str(app), default_timeout=120).run()
+    assert marks[-1] == "end"  # the page's last act
+
+    marks.clear()
+    at = AppTest.from_function(_fragment_script, default_timeout=60).run()
+    at.button[0].click().run()
+    assert marks == ["start", "end", "start", "end"]

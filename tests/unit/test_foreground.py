@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from rd import foreground
-from tests.conftest import process_state
+from rd.files import proc_stat
+from tests.conftest import process_state, scheduling_policy
 
 # a parent that starts a child, both idling: the job process and a torchrun rank below it
 FAMILY = ("import subprocess, sys, time\n"
@@ -92,3 +93,42 @@ def test_recently_used_reads_the_marks_age(tmp_path):
     now = mark.stat().st_mtime
     assert foreground.recently_used(mark, 2.0, now=now + 1.9)
     assert not foreground.recently_used(mark, 2.0, now=now + 2.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_the_studios_background_process_pauses_while_it_is_used(tmp_path, monkeypatch):
+    """An export or data generation started by the studio (rd.files.background_python) pauses
+    like a job while the studio is used, then finishes; its exit code comes back."""
+    import threading
+
+    from rd.files import background_python
+
+    monkeypatch.setenv("RD_HOME", str(tmp_path))
+    monkeypatch.setenv(foreground.YIELD_ENV, "0.6")
+    done = tmp_path / "done"
+    process = background_python("import time\ntime.sleep(1.0)\nopen(sys.argv[1], 'w').close()\n"
+                                "raise SystemExit(3)\n", str(done))
+    codes: list[int] = []
+    waiting = threading.Thread(target=lambda: codes.append(foreground.run_yielding(process)))
+    waiting.start()
+    try:
+        foreground.note_use()
+        assert _until(lambda: _stopped(process.pid), timeout=2)
+        assert scheduling_policy(process.pid) == os.SCHED_IDLE  # and at background priority
+        for _ in range(10):  # in use for 2 s: it stays paused
+            foreground.note_use()
+            time.sleep(0.2)
+            assert _stopped(process.pid) and not done.exists()
+    finally:
+        waiting.join(timeout=15)
+    assert codes == [3] and done.exists()  # continued once quiet, and finished
+    assert proc_stat(process.pid) is None  # reaped
+
+
+def test_a_bad_setting_leaves_the_studios_background_process_unpaused(tmp_path, monkeypatch):
+    from rd.files import background_python
+
+    monkeypatch.setenv("RD_HOME", str(tmp_path))
+    monkeypatch.setenv(foreground.YIELD_ENV, "soon")
+    foreground.note_use()
+    assert foreground.run_yielding(background_python("raise SystemExit(0)\n")) == 0
