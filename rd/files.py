@@ -66,6 +66,17 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a Python child of rd (a job, a watcher, a background
+    export) with this checkout first on PYTHONPATH: the same rd runs there whatever folder the
+    studio or the command was started from."""
+    path = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def background_python(code: str, *args: str) -> subprocess.Popen:
     """Run Python ``code`` (its arguments in ``sys.argv[1:]``) in a child process at background
     priority (``lower_priority``) that dies with its parent; its stderr is piped."""
@@ -75,7 +86,7 @@ def background_python(code: str, *args: str) -> subprocess.Popen:
                 "die_with_parent()\n")
     return subprocess.Popen([sys.executable, "-c", prologue + code, *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=child_environment())
 
 
 def proc_stat(pid: int | str) -> list[str] | None:

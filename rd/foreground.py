@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from rd.files import data_home, die_with_parent, proc_stat
+from rd.files import child_environment, data_home, die_with_parent, proc_stat
 
 YIELD_ENV = "RD_JOBS_YIELD_S"
 DEFAULT_YIELD_S = 2.0
@@ -75,7 +75,7 @@ def start_watcher(pid: int) -> subprocess.Popen | None:
         return None
     return subprocess.Popen([sys.executable, "-m", "rd.foreground", str(pid), str(seconds),
                              str(marker())], stdin=subprocess.DEVNULL,
-                            preexec_fn=die_with_parent)
+                            env=child_environment(), preexec_fn=die_with_parent)
 
 
 def stop_watcher(watcher: subprocess.Popen | None) -> None:

@@ -90,6 +90,7 @@ from rd.evaluation import format_summary
 from rd.files import (
     atomic_write,
     check_background_priority,
+    child_environment,
     data_home,
     die_with_parent,
     file_sha256,
@@ -120,7 +121,6 @@ PRIORITY_ENV = "RD_JOBS_PRIORITY"  # rd.files.lower_priority: "idle" (default) o
 CANCEL_TIMEOUT_S = 30.0
 CHECKPOINT = "model.safetensors"
 LOG = "job.log"
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # on the job's PYTHONPATH: the same rd runs
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 # Job processes started by this process, polled by schedule() so none is left a zombie.
@@ -506,9 +506,7 @@ def _launch(root: Path, job: Job) -> Job:
     makes the studio wait for the CPU, and alone it runs at full speed."""
     priority = _priority()
     command = [sys.executable, "-m", "rd", "jobs", "run", job.id, "--root", str(root)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = child_environment(PYTHONUNBUFFERED="1")
     attempt = job.status.get("attempts", 0) + 1
     try:
         with job.log.open("a") as log:

@@ -132,3 +132,25 @@ def test_a_bad_setting_leaves_the_studios_background_process_unpaused(tmp_path, 
     monkeypatch.setenv(foreground.YIELD_ENV, "soon")
     foreground.note_use()
     assert foreground.run_yielding(background_python("raise SystemExit(0)\n")) == 0
+
+
+def test_the_watcher_and_background_processes_find_rd_from_any_folder(tmp_path, monkeypatch):
+    """`cd ~ && streamlit run …/app/main.py`: the studio's children still import this rd (they
+    failed silently with ModuleNotFoundError, so nothing paused and no export ran)."""
+    from rd.files import background_python
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setenv("RD_HOME", str(tmp_path))
+    process = background_python("import rd.foreground\n")
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 0, error
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(30)"])
+    watcher = foreground.start_watcher(sleeper.pid)
+    try:
+        time.sleep(1.0)
+        assert watcher.poll() is None  # watching, not dead on an import error
+    finally:
+        foreground.stop_watcher(watcher)
+        sleeper.kill()
+        sleeper.wait()
