@@ -106,7 +106,7 @@ def test_the_studios_background_process_pauses_while_it_is_used(tmp_path, monkey
     monkeypatch.setenv("RD_HOME", str(tmp_path))
     monkeypatch.setenv(foreground.YIELD_ENV, "0.6")
     done = tmp_path / "done"
-    process = background_python("import time\ntime.sleep(1.0)\nopen(sys.argv[1], 'w').close()\n"
+    process = background_python("import time\ntime.sleep(3.0)\nopen(sys.argv[1], 'w').close()\n"
                                 "raise SystemExit(3)\n", str(done))
     codes: list[int] = []
     waiting = threading.Thread(target=lambda: codes.append(foreground.run_yielding(process)))
