@@ -3,7 +3,8 @@
 Generates ``--count`` 256² PNG images (smooth textures, a few with a blemish) into ``--data``
 (default under /tmp, never the repository), makes an efficientnet_lite0 checkpoint (ImageNet
 teacher, seeded student: the work is that of a trained model) and runs the command as a user
-would, in a child process, with its defaults (runtime auto, decoding workers):
+would, in a child process, with its defaults (runtime auto; on a CPU the ONNX Runtime lanes
+decode their own images):
 
 1. the model's own batch throughput: ``predict_tensor`` on in-memory batches of 16;
 2. ``rd predict`` over the first 1/10 of the images (``--list``), then over the whole folder:

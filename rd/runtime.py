@@ -201,13 +201,29 @@ class OnnxDetector(Detector):
             parts = list(pool.map(lambda feed: session.run(OUTPUT_NAMES, feed), chunks))
         else:
             parts = [self.session.run(OUTPUT_NAMES, feed) for feed in chunks]
-        outputs = parts[0] if len(parts) == 1 else [
-            np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
-        if not np.isfinite(outputs[2]).all():  # the same refusal as the torch path's
-            raise DetectionError("the model's anomaly maps hold NaN or infinite values: its "
-                                 "weights are broken (e.g. trained with a too large --lr); "
-                                 "retrain it")
-        return Prediction(*(torch.from_numpy(output) for output in outputs))
+        return _prediction(parts[0] if len(parts) == 1 else [
+            np.concatenate(outputs) for outputs in zip(*parts, strict=True)])
+
+    def predict_chunk(self, array: np.ndarray) -> Prediction:
+        """Maps of one normalised (N, 3, S, S) float32 chunk in a single-threaded run.
+
+        Safe to call from several threads at once: ``rd.scoring`` runs one lane per core, each
+        decoding its own images and then calling this, so decoding never preempts the model.
+        """
+        from rd.export import INPUT_NAMES, OUTPUT_NAMES
+
+        self.check_batch(torch.from_numpy(array))
+        session, _ = self._side_by_side()
+        return _prediction(session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: array}))
+
+
+def _prediction(outputs: list[np.ndarray]) -> Prediction:
+    """The session's outputs as a Prediction; maps with NaN or infinities are refused."""
+    if not np.isfinite(outputs[2]).all():  # the same refusal as the torch path's
+        raise DetectionError("the model's anomaly maps hold NaN or infinite values: its "
+                             "weights are broken (e.g. trained with a too large --lr); "
+                             "retrain it")
+    return Prediction(*(torch.from_numpy(output) for output in outputs))
 
 
 def default_runtime() -> str:

@@ -20,9 +20,11 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from rd.data import IMAGE_SUFFIXES, DataError, Preprocess, read_image
-from rd.detector import Detector, is_defective
+from rd.detector import CPU_CHUNK, Detector, is_defective
 from rd.files import atomic_write
 from rd.outputs import check_outputs, mirrored_outputs
 from rd.results import ResultsStore, image_digest
+from rd.runtime import OnnxDetector
 from rd.visualize import colorize, overlay
 
 FORMATS = ("csv", "jsonl")
@@ -165,6 +168,101 @@ def _pad(batch: torch.Tensor, size: int) -> torch.Tensor:
     if len(batch) == size:
         return batch
     return torch.cat([batch, batch[-1:].expand(size - len(batch), *batch.shape[1:])])
+
+
+ScoredBatch = tuple[dict[str, Any], Any, Any, float]
+"""A batch's items (index, error, size, digest, read seconds), scores, fused maps, and the
+model's seconds per image."""
+
+
+def _through_loader(detector: Detector, dataset: _ImageFiles, static_batches: bool,
+                    workers: int) -> Iterator[ScoredBatch]:
+    """Batches decoded in ``workers`` processes, run by a model thread one batch ahead.
+
+    While the model thread runs batch k, the caller receives and normalises batch k+1 and
+    writes batch k-1's rows, so the model never waits for them; at most two batches are in
+    flight, so memory stays bounded. The path for torch (CPU or GPU) and for an explicit
+    ``--workers``.
+    """
+    native = dataset.native
+    loader = DataLoader(dataset, batch_size=1 if native else detector.batch_size,
+                        num_workers=workers, collate_fn=_collate,
+                        pin_memory=detector.device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=2 if workers else None)
+
+    def run_model(batch: dict[str, Any], images: torch.Tensor) -> tuple[Any, Any, float]:
+        started = time.perf_counter()
+        count = len(batch["error"])
+        if native:
+            found = None if batch["error"][0] else detector.detect(images[0].numpy())
+            scores, fused = [found.score if found else 0.0], [found.fused if found else None]
+        else:
+            prediction = detector.predict_tensor(images)
+            scores = prediction.scores[:count].float().cpu().numpy()
+            fused = prediction.fused[:count]
+        return scores, fused, (time.perf_counter() - started) / count
+
+    pending = None
+    with ThreadPoolExecutor(1, thread_name_prefix="rd-predict") as model_thread:
+        for batch in loader:
+            images = batch["image"]
+            if not native:
+                if static_batches:
+                    images = _pad(images, detector.batch_size)
+                # uint8 from the workers; on a GPU copied as such and normalised there
+                images = detector.preprocess.normalize(
+                    images.to(detector.device, non_blocking=True))
+            running = (batch, model_thread.submit(run_model, batch, images))
+            if pending is not None:
+                yield pending[0], *pending[1].result()
+            pending = running
+        if pending is not None:
+            yield pending[0], *pending[1].result()
+
+
+def _in_lanes(detector: OnnxDetector, dataset: _ImageFiles) -> Iterator[ScoredBatch]:
+    """Chunks scored in lanes, one per core (``detector.threads``): each decodes its chunk's
+    images and then runs the model on it single-threaded (ONNX Runtime on the CPU).
+
+    Decoding in worker processes preempts the model's threads mid-layer, and a two-threaded
+    layer then waits for its slower half: 18 % of the model's speed was lost that way on two
+    cores. A lane's decoding (PIL and numpy free the GIL) and its model run take turns on the
+    same thread instead: 0.93 of the model's speed (docs/performance.md, round 8; one lane more
+    than cores gave the same). Batches of ``detector.batch_size`` come out in input order (one
+    results-store transaction and one flush each); a window of two chunks per lane bounds
+    memory.
+    """
+    size = min(detector.batch_size, CPU_CHUNK)
+    starts = iter(range(0, len(dataset), size))
+
+    def run(start: int) -> ScoredBatch:
+        items = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+        chunk = {key: [item[key] for item in items] for key in items[0] if key != "image"}
+        started = time.perf_counter()
+        pixels = np.stack([np.asarray(item["image"]) for item in items])
+        prediction = detector.predict_chunk(detector.preprocess.normalize(pixels))
+        return (chunk, prediction.scores.numpy(), prediction.fused,
+                (time.perf_counter() - started) / len(items))
+
+    def merged(chunks: list[ScoredBatch]) -> ScoredBatch:
+        count = sum(len(chunk[1]) for chunk in chunks)
+        batch = {key: [value for chunk in chunks for value in chunk[0][key]]
+                 for key in chunks[0][0]}
+        return (batch, np.concatenate([chunk[1] for chunk in chunks]),
+                torch.cat([chunk[2] for chunk in chunks]),
+                sum(chunk[3] * len(chunk[1]) for chunk in chunks) / count)
+
+    with ThreadPoolExecutor(detector.threads, thread_name_prefix="rd-lane") as pool:
+        running = deque(pool.submit(run, start) for start in islice(starts, 2 * detector.threads))
+        done: list[ScoredBatch] = []
+        while running:
+            done.append(running.popleft().result())
+            start = next(starts, None)
+            if start is not None:  # keeps the window full
+                running.append(pool.submit(run, start))
+            if sum(len(chunk[1]) for chunk in done) >= detector.batch_size or not running:
+                yield merged(done)
+                done = []
 
 
 # ----------------------------------------------------------------------------------- output
@@ -362,34 +460,19 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
     target = out if world == 1 or out is None else _part_path(out, rank, world)
     writer = RowWriter(target, output_format) if target is not None else None
 
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    cuda = detector.device.type == "cuda"
     # A letterbox or tile checkpoint fits each image at its own size: one image per step.
-    native = not detector.geometry.is_paper
-    loader = DataLoader(_ImageFiles([inputs.paths[i] for i in todo], detector.preprocess,
-                                    native, digests=store is not None),
-                        batch_size=1 if native else detector.batch_size, num_workers=workers,
-                        collate_fn=_collate,
-                        pin_memory=cuda, persistent_workers=False,
-                        prefetch_factor=2 if workers else None)
+    dataset = _ImageFiles([inputs.paths[i] for i in todo], detector.preprocess,
+                          native=not detector.geometry.is_paper, digests=store is not None)
+    if workers is None and isinstance(detector, OnnxDetector) and not dataset.native:
+        batches = _in_lanes(detector, dataset)
+    else:
+        batches = _through_loader(detector, dataset, static_batches,
+                                  min(2, os.cpu_count() or 1) if workers is None else workers)
     bar = tqdm(total=len(todo), desc=f"predict{f' rank {rank}' if world > 1 else ''}",
                unit="img", disable=not progress, file=sys.stderr, smoothing=0.1)
     started = time.perf_counter()
     scored = errors = defective = 0
     first_error = None
-
-    def run_model(batch: dict[str, Any], images: torch.Tensor) -> tuple[Any, Any, float]:
-        """The batch's scores and fused maps (in the model thread), and its seconds per image."""
-        model_started = time.perf_counter()
-        count = len(batch["error"])
-        if native:
-            found = None if batch["error"][0] else detector.detect(images[0].numpy())
-            scores, fused = [found.score if found else 0.0], [found.fused if found else None]
-        else:
-            prediction = detector.predict_tensor(images)
-            scores = prediction.scores[:count].float().cpu().numpy()
-            fused = prediction.fused[:count]
-        return scores, fused, (time.perf_counter() - model_started) / count
 
     def write_rows(batch: dict[str, Any], scores: Any, fused: Any, share: float) -> None:
         nonlocal scored, errors, defective, first_error
@@ -423,27 +506,11 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
             writer.flush()  # a kill loses at most the batches in flight
         bar.update(len(batch["error"]))
 
-    # A two-stage pipeline: while the model thread runs batch k, this thread receives and
-    # normalises batch k+1 and writes batch k-1's rows, so the model never waits for them.
-    # At most two batches are in flight: memory stays bounded.
-    pending = None
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="rd-predict") as model_thread:
-            for batch in loader:
-                images = batch["image"]
-                if not native:
-                    if static_batches:
-                        images = _pad(images, detector.batch_size)
-                    # uint8 from the workers; on a GPU copied as such and normalised there
-                    images = detector.preprocess.normalize(
-                        images.to(detector.device, non_blocking=True))
-                running = (batch, model_thread.submit(run_model, batch, images))
-                if pending is not None:
-                    write_rows(pending[0], *pending[1].result())
-                pending = running
-            if pending is not None:
-                write_rows(pending[0], *pending[1].result())
+        for batch, scores, fused, share in batches:
+            write_rows(batch, scores, fused, share)
     finally:
+        batches.close()  # stops the decoding and the model's threads
         bar.close()
         if writer is not None:
             writer.close()

@@ -50,8 +50,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="image-decoding processes (0: decode in the main process)")
+    p.add_argument("--workers", type=int,
+                   help="image-decoding processes (0: decode in the main process; default: "
+                        "with ONNX Runtime on a CPU each of the model's threads decodes its "
+                        "own images, else 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-store", action="store_true",
                    help="neither read nor keep scores in the results store of the data home "

@@ -49,8 +49,18 @@ class Preprocess:
         rgb = read_image(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (..., size, size, 3) pixels -> float32 (..., 3, size, size), normalised."""
+    def normalize(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """uint8 (..., size, size, 3) pixels -> float32 (..., 3, size, size), normalised.
+
+        A numpy array gives a numpy array, bit for bit the tensor's result: the threads that
+        feed ONNX Runtime use it, since a torch op there would start a thread team per caller.
+        """
+        if isinstance(pixels, np.ndarray):
+            array = np.ascontiguousarray(np.moveaxis(pixels, -1, -3), dtype=np.float32)
+            array /= np.float32(255.0)
+            array -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+            array /= np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+            return array
         tensor = pixels.movedim(-1, -3).to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from rd import scoring
 from rd.detector import load
 from rd.scoring import COLUMNS, ScoringError, collect_inputs, read_rows, score
 from tests.conftest import save_seeded_checkpoint
@@ -87,26 +89,90 @@ def test_csv_rows_scores_errors_and_verdicts(detector, folder, tmp_path):
     assert out.read_text().splitlines()[0] == ",".join(COLUMNS)
 
 
+def _fails_at_call(monkeypatch, detector, method: str, failing_call: int) -> None:
+    """``detector.<method>`` raises "out of memory" at its ``failing_call``-th call."""
+    calls = []
+    original = getattr(detector, method)
+
+    def failing(batch):
+        calls.append(len(batch))
+        if len(calls) == failing_call:
+            raise RuntimeError("out of memory")
+        return original(batch)
+
+    monkeypatch.setattr(detector, method, failing)
+
+
 def test_a_model_failure_stops_after_the_rows_before_it(checkpoint, folder, tmp_path,
                                                         monkeypatch):
     """The model runs in its own thread, a batch ahead of the rows being written: its error
     still reaches the caller, and every batch before it is in the output."""
     failing = load(checkpoint, "cpu")
     failing.batch_size = 4
-    calls = []
-    predict_tensor = failing.predict_tensor
-
-    def second_batch_fails(batch):
-        calls.append(len(batch))
-        if len(calls) == 2:
-            raise RuntimeError("out of memory")
-        return predict_tensor(batch)
-
-    monkeypatch.setattr(failing, "predict_tensor", second_batch_fails)
+    _fails_at_call(monkeypatch, failing, "predict_tensor", 2)
     out = tmp_path / "scores.csv"
     with pytest.raises(RuntimeError, match="out of memory"):
         score(failing, collect_inputs([folder]), out, workers=0, progress=False)
     assert len(read_rows(out, "csv")) == 4  # the first batch's rows, flushed
+
+
+@pytest.fixture(scope="module")
+def onnx_detector(checkpoint):
+    """The users' default on a CPU: the export in ONNX Runtime, two cores' worth of lanes."""
+    pytest.importorskip("onnxruntime")
+    from rd.runtime import OnnxDetector, load_runtime
+
+    found, _ = load_runtime(checkpoint, "cpu", "onnxruntime")
+    assert isinstance(found, OnnxDetector)
+    found.batch_size, found.threads = 8, 2
+    return found
+
+
+def _lane_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("rd-lane")]
+
+
+def test_onnxruntime_lanes_decode_and_score_in_the_same_threads(onnx_detector, folder,
+                                                                tmp_path, monkeypatch):
+    """By default ONNX Runtime on a CPU scores in lanes: each thread decodes its chunk and runs
+    the model on it, with no decoding processes; the rows are those of the process path."""
+    inputs = collect_inputs([folder])
+    loader_rows = tmp_path / "loader.csv"
+    score(onnx_detector, inputs, loader_rows, workers=0, progress=False)
+
+    decoded_in: set[str] = set()
+    get_item = scoring._ImageFiles.__getitem__
+
+    def recording(dataset, index):
+        decoded_in.add(threading.current_thread().name.split("_")[0])
+        return get_item(dataset, index)
+
+    monkeypatch.setattr(scoring._ImageFiles, "__getitem__", recording)
+    monkeypatch.setattr(scoring, "DataLoader", None)  # no process path
+    out = tmp_path / "lanes.csv"
+    summary = score(onnx_detector, inputs, out, progress=False)
+    assert decoded_in == {"rd-lane"} and not _lane_threads()
+    assert summary.scored == 13 and summary.errors == 1
+    rows, expected = read_rows(out, "csv"), read_rows(loader_rows, "csv")
+    assert [r["path"] for r in rows] == inputs.paths  # in input order
+    for got, want in zip(rows, expected, strict=True):
+        assert (got["error"], got["verdict"], got["width"], got["height"]) == (
+            want["error"], want["verdict"], want["width"], want["height"])
+        if not got["error"]:
+            assert abs(float(got["score"]) - float(want["score"])) <= 1e-6
+            assert float(got["seconds"]) > 0
+
+
+def test_a_failure_in_a_lane_stops_after_the_rows_before_it(onnx_detector, folder, tmp_path,
+                                                            monkeypatch):
+    """The chunk after the first batch fails: the error reaches the caller, the first batch's
+    rows are in the output, and no lane thread is left running."""
+    _fails_at_call(monkeypatch, onnx_detector, "predict_chunk", 3)
+    monkeypatch.setattr(onnx_detector, "threads", 1)  # one lane: the chunks run in order
+    out = tmp_path / "scores.csv"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        score(onnx_detector, collect_inputs([folder]), out, progress=False)
+    assert len(read_rows(out, "csv")) == 8 and not _lane_threads()
 
 
 def test_jsonl_threshold_override_and_no_overwrite(detector, folder, tmp_path):
