@@ -1,11 +1,13 @@
 """Scoring folders of any size: streaming, resumable, one row per image, across ranks.
 
-``score`` reads images in DataLoader worker processes (decoding overlaps the model), runs the
-model batch by batch and writes one CSV or JSON-lines row per image as it completes, flushed
-after every batch, so memory stays bounded whatever the number of images and a killed run loses
-at most the rows of the batch in flight. ``resume`` skips the images already in the output; a
-torn last line (kill -9 during a write) is cut off and that image scored again, so no row is
-lost or duplicated. An unreadable image becomes a row with an error, never a crash.
+``score`` decodes images beside the model (on ONNX Runtime on a CPU in lanes, one thread per
+core that decodes its chunk and then runs the model on it; otherwise in DataLoader worker
+processes while a model thread runs the previous batch) and writes one CSV or JSON-lines row
+per image as it completes, flushed after every batch, so memory stays bounded whatever the
+number of images and a killed run loses at most the rows of the batch in flight. ``resume``
+skips the images already in the output; a torn last line (kill -9 during a write) is cut off
+and that image scored again, so no row is lost or duplicated. An unreadable image becomes a
+row with an error, never a crash.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank scores every WORLD_SIZE-th remaining image
 into a part file beside the output; rank 0 merges the parts into the output in input order.
@@ -427,8 +429,9 @@ def score(detector: Detector, inputs: Inputs, out: Path | None = None,
     each row goes to ``print_row`` (the command line prints it). ``threshold`` overrides the
     checkpoint's F1 threshold for the verdict. ``save_maps`` writes an overlay and the raw
     map of no image, the defective ones or all under ``maps_dir`` (existing ones only with
-    ``resume`` or ``overwrite``). ``static_batches`` pads the
-    last batch to the batch size (one shape for a compiled graph).
+    ``resume`` or ``overwrite``). ``static_batches`` pads the last batch to the batch size
+    (one shape for a compiled graph). ``workers`` decoding processes feed the model; by
+    default none on ONNX Runtime on a CPU (the lanes decode), else two.
     """
     rank, world = init_distributed()
     if (store is None) != (model is None):
