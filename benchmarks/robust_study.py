@@ -72,12 +72,14 @@ def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def prepare(work: Path, mvtec: Path | None, seed: int) -> dict[str, tuple[Path, str]]:
-    """Every dataset's root folder, generated or held out once."""
+def prepare(work: Path, mvtec: Path | None, seed: int, hard_train: int = 20
+            ) -> dict[str, tuple[Path, str]]:
+    """Every dataset's root folder, generated or held out once (``hard_train`` normal training
+    images of each non-square category; the test images are the same for any number)."""
     roots: dict[str, tuple[Path, str]] = {}
     builtin = generate_dataset(work / "builtin", ["hex_nut", "wood"])
-    hard = generate_dataset(work / "hard", list(HARD_CATEGORIES), n_train=20, n_test_good=10,
-                            n_per_defect=6)
+    hard = generate_dataset(work / "hard", list(HARD_CATEGORIES), n_train=hard_train,
+                            n_test_good=10, n_per_defect=6)
     for name, source, _ in DATASETS:
         if source == "mvtec":
             if mvtec is None:
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
     if results.exists():
         done = {(r["row"], r["dataset"], r["seed"]) for r in map(json.loads,
                                                                  results.open())}
-    roots = prepare(work, Path(args.mvtec) if args.mvtec else None, args.seed)
+    roots = prepare(work, Path(args.mvtec) if args.mvtec else None, args.seed, args.hard_train)
     rows = args.rows.split(",") if args.rows else list(ROWS)
     wanted = args.datasets.split(",") if args.datasets else [d for d, _, _ in DATASETS]
     for dataset, _, eval_size in DATASETS:  # one dataset's rows after another
@@ -247,11 +249,11 @@ def seeds_table(everything: list[dict[str, Any]], by: dict[tuple[str, str], Any]
     return lines
 
 
-def rescore(work: Path, mvtec: Path | None) -> str:
+def rescore(work: Path, mvtec: Path | None, hard_train: int = 20) -> str:
     """Every multiscale run of the results file evaluated again, without retraining, with the
     per-view blur (``Geometry.combine="smoothed"``), beside its recorded numbers (the rule it
     was trained and evaluated with): a markdown table, per defect kind too."""
-    roots = prepare(work, mvtec, 0)
+    roots = prepare(work, mvtec, 0, hard_train)
     lines = ["| row | dataset | seed | rule | image AUROC | pixel AUROC | AU-PRO | per defect: "
              "image / pixel AUROC |", "|---|---|---|---|---|---|---|---|"]
 
@@ -288,6 +290,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--rows", help="comma-separated rows to run (default: all)")
+    parser.add_argument("--hard-train", type=int, default=20,
+                        help="normal training images of metal_strip and casting (another "
+                             "number needs another --work)")
     parser.add_argument("--datasets", help="comma-separated datasets (default: all)")
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
     parser.add_argument("--rescore", action="store_true",
@@ -295,7 +300,8 @@ def main() -> None:
                              "print old and new side by side, and exit")
     args = parser.parse_args()
     if args.rescore:
-        print(rescore(Path(args.work), Path(args.mvtec) if args.mvtec else None))
+        print(rescore(Path(args.work), Path(args.mvtec) if args.mvtec else None,
+                      args.hard_train))
         return
     if args.table:
         print(table(Path(args.work), args.seed))
