@@ -9,6 +9,11 @@ nearest, so the paper variant lands within a few thousandths of the study's nati
 - ``layer k``: one layer's map alone (σ = 4): where the defect's signal is;
 - ``sum, σ s``: the paper's map blurred more (a large uneven region's interior filled in);
 - ``per-layer σ a/b/c``: each layer blurred at its own scale before the sum;
+- ``product``: the layers multiplied (the reference's other fusion);
+- ``layers z-scored``: each layer's map in standard deviations of its values on the normal
+  training images, then summed: no layer's floor drowns another's signal;
+- ``pixels z-scored``: each map pixel in standard deviations of that pixel on the normal
+  training images (the parts lie in place): a per-position normal model of the map;
 - ``cos + norm``: plus how far the teacher/student feature-norm ratio lies from its mean on
   the normal training images (in their standard deviations), scaled to the cosine term's
   mean: a gain change scales features without turning them, which ``1 - cos`` cannot see.
@@ -33,7 +38,8 @@ from rd.maps import gaussian_blur, layer_maps
 from rd.metrics import image_auroc, pixel_auroc
 
 VARIANTS = ("paper", "layer 1", "layer 2", "layer 3", "sum, σ 8", "sum, σ 16",
-            "per-layer σ 4/8/16", "per-layer σ 4/8/32", "cos + norm")
+            "per-layer σ 4/8/16", "per-layer σ 4/8/32", "product", "layers z-scored",
+            "pixels z-scored", "cos + norm")
 
 
 def _features(detector, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,22 +58,27 @@ def _blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(maps[None], sigma)[0]
 
 
-class NormTerm:
-    """Per-layer mean and spread of the log norm ratio on the normal training images, and the
-    scale that gives the summed term the cosine sum's mean there."""
+class Normal:
+    """Statistics of the normal training images' maps: per layer and per pixel of the
+    ``1 - cos`` maps, per layer of the log norm ratios, and the scale that gives the summed
+    norm term the cosine sum's mean there."""
 
     def __init__(self, normal: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        ratios = torch.stack([r for _, r in normal])  # (N, L, S, S)
-        self.mean = ratios.mean(dim=(0, 2, 3)).view(-1, 1, 1)
-        self.std = ratios.std(dim=(0, 2, 3)).view(-1, 1, 1)
-        cosine = float(torch.stack([c.sum(0) for c, _ in normal]).mean())
-        self.scale = cosine / float(torch.stack([self(r) for _, r in normal]).mean())
+        cosines = torch.stack([c for c, _ in normal])  # (N, L, S, S)
+        self.layer_mean = cosines.mean(dim=(0, 2, 3)).view(-1, 1, 1)
+        self.layer_std = cosines.std(dim=(0, 2, 3)).view(-1, 1, 1)
+        self.pixel_mean, self.pixel_std = cosines.mean(0), cosines.std(0) + 1e-3
+        ratios = torch.stack([r for _, r in normal])
+        self.ratio_mean = ratios.mean(dim=(0, 2, 3)).view(-1, 1, 1)
+        self.ratio_std = ratios.std(dim=(0, 2, 3)).view(-1, 1, 1)
+        self.scale = float(cosines.sum(1).mean()) / float(
+            torch.stack([self.norm_term(r) for _, r in normal]).mean())
 
-    def __call__(self, ratios: torch.Tensor) -> torch.Tensor:
-        return ((ratios - self.mean).abs() / self.std).sum(0)
+    def norm_term(self, ratios: torch.Tensor) -> torch.Tensor:
+        return ((ratios - self.ratio_mean).abs() / self.ratio_std).sum(0)
 
 
-def variant_map(name: str, cosine: torch.Tensor, ratios: torch.Tensor, norm: NormTerm
+def variant_map(name: str, cosine: torch.Tensor, ratios: torch.Tensor, normal: Normal
                 ) -> torch.Tensor:
     if name == "paper":
         return _blur(cosine.sum(0), 4.0)
@@ -78,15 +89,21 @@ def variant_map(name: str, cosine: torch.Tensor, ratios: torch.Tensor, norm: Nor
     if name.startswith("per-layer σ "):
         sigmas = [float(s) for s in name.split()[-1].split("/")]
         return sum(_blur(layer, s) for layer, s in zip(cosine, sigmas, strict=True))
+    if name == "product":
+        return _blur(cosine.prod(0), 4.0)
+    if name == "layers z-scored":
+        return _blur(((cosine - normal.layer_mean) / normal.layer_std).sum(0), 4.0)
+    if name == "pixels z-scored":
+        return _blur(((cosine - normal.pixel_mean) / normal.pixel_std).sum(0), 4.0)
     if name == "cos + norm":
-        return _blur(cosine.sum(0) + norm.scale * norm(ratios), 4.0)
+        return _blur(cosine.sum(0) + normal.scale * normal.norm_term(ratios), 4.0)
     raise ValueError(name)
 
 
 def measure(detector, data: MVTecCategory) -> list[list[object]]:
     """Rows (defect, variant, image AUROC, pixel AUROC)."""
     size = detector.preprocess.size
-    norm = NormTerm([_features(detector, s.path) for s in data.train_samples()])
+    normal = Normal([_features(detector, s.path) for s in data.train_samples()])
     test = [(s, *_features(detector, s.path)) for s in data.test_samples()]
     rows = []
     for defect in sorted({s.defect for s, _, _ in test if s.label == 1}):
@@ -94,7 +111,7 @@ def measure(detector, data: MVTecCategory) -> list[list[object]]:
         masks = np.stack([read_mask(s.mask_path, (size, size)) if s.label
                           else np.zeros((size, size), bool) for s, _, _ in chosen])
         for name in VARIANTS:
-            maps = np.stack([variant_map(name, c, r, norm).numpy() for _, c, r in chosen])
+            maps = np.stack([variant_map(name, c, r, normal).numpy() for _, c, r in chosen])
             rows.append([defect, name, image_auroc([s.label for s, _, _ in chosen],
                                                    maps.reshape(len(maps), -1).max(1)),
                          pixel_auroc(masks, maps)])
