@@ -21,6 +21,8 @@ from rd.data import ImageDataset, Sample, read_mask, resize_mask
 from rd.detector import Detector
 from rd.errors import RDError
 from rd.files import atomic_write
+from rd.model import Prediction
+from rd.runtime import OnnxDetector
 
 TARGET_FPRS = (0.01, 0.05, 0.1)
 # Where pixel metrics are computed: "model" S×S maps and masks (the paper's), or "native": the
@@ -46,17 +48,39 @@ def predict_samples(detector: Detector, samples: Sequence[Sample], progress: boo
     if eval_size == "native" or not detector.geometry.is_paper:
         return _predict_native(detector, samples, progress, on_progress, eval_size)
     dataset = ImageDataset(samples, detector.preprocess)
-    loader = DataLoader(dataset, batch_size=detector.batch_size, num_workers=workers)
+    steps = (_in_lanes(detector, dataset) if isinstance(detector, OnnxDetector) and not workers
+             else _through_loader(detector, dataset, workers))
     maps, masks, scores = [], [], []
-    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress,
-                      file=sys.stderr):
-        prediction = detector.predict_tensor(batch["image"])
-        maps.append(prediction.fused.cpu().numpy())
-        scores.append(prediction.scores.cpu().numpy())
-        masks.append(batch["mask"][:, 0].numpy() > 0.5)
-        if on_progress:
-            on_progress(sum(len(m) for m in maps), len(dataset))
+    with tqdm(total=len(dataset), desc="evaluate", unit="image", disable=not progress,
+              file=sys.stderr) as bar:
+        for prediction, step_masks in steps:
+            maps.append(prediction.fused.cpu().numpy())
+            scores.append(prediction.scores.cpu().numpy())
+            masks.append(step_masks)
+            bar.update(len(step_masks))
+            if on_progress:
+                on_progress(sum(len(m) for m in maps), len(dataset))
     return np.concatenate(maps), np.concatenate(masks), np.concatenate(scores)
+
+
+def _through_loader(detector: Detector, dataset: ImageDataset, workers: int
+                    ) -> Iterator[tuple[Prediction, np.ndarray]]:
+    """Batches read by a DataLoader (``workers`` processes, or this one) and scored."""
+    for batch in DataLoader(dataset, batch_size=detector.batch_size, num_workers=workers):
+        yield detector.predict_tensor(batch["image"]), batch["mask"][:, 0].numpy() > 0.5
+
+
+def _in_lanes(detector: OnnxDetector, dataset: ImageDataset
+              ) -> Iterator[tuple[Prediction, np.ndarray]]:
+    """Chunks read and scored in the model's lanes (ONNX Runtime on a CPU): reading overlaps
+    the model without preempting it (``OnnxDetector.predict_in_lanes``)."""
+
+    def read(index: int) -> tuple[np.ndarray, np.ndarray]:
+        pixels, mask = dataset.pixels_and_mask(index)
+        return mask, pixels
+
+    for masks, prediction, _ in detector.predict_in_lanes(len(dataset), read):
+        yield prediction, np.stack(masks)
 
 
 def _predict_native(detector: Detector, samples: Sequence[Sample], progress: bool,

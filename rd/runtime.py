@@ -14,10 +14,15 @@ import json
 import os
 import subprocess
 import threading
+import time
 import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +36,7 @@ RUNTIMES = ("auto", "torch", "onnxruntime")
 CACHE_KEY = "rd.cache_key"
 CACHE_VERSION = 1  # bump when the exported graph changes for the same checkpoint
 TOLERANCE = 1e-5  # a fresh export must give torch's maps within this before it is used
+Item = TypeVar("Item")
 
 
 class RuntimeUnavailable(RDError, ValueError):
@@ -205,16 +211,44 @@ class OnnxDetector(Detector):
             np.concatenate(outputs) for outputs in zip(*parts, strict=True)])
 
     def predict_chunk(self, array: np.ndarray) -> Prediction:
-        """Maps of one normalised (N, 3, S, S) float32 chunk in a single-threaded run.
-
-        Safe to call from several threads at once: ``rd.scoring`` runs one lane per core, each
-        decoding its own images and then calling this, so decoding never preempts the model.
-        """
+        """Maps of one normalised (N, 3, S, S) float32 chunk in a single-threaded run (safe
+        from several threads at once)."""
         from rd.export import INPUT_NAMES, OUTPUT_NAMES
 
         self.check_batch(torch.from_numpy(array))
         session, _ = self._side_by_side()
         return _prediction(session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: array}))
+
+    def predict_in_lanes(self, count: int, read: Callable[[int], tuple[Item, np.ndarray]]
+                         ) -> Iterator[tuple[list[Item], Prediction, float]]:
+        """Items ``0 .. count - 1`` read and scored in lanes, one thread per core.
+
+        ``read(i)`` returns what the caller keeps of item i and its uint8 (S, S, 3) pixels. Each
+        lane reads a chunk (PIL and numpy free the GIL), normalises it with numpy and runs
+        ``predict_chunk`` on it: reading and the model take turns on one core, where reading in
+        other processes or threads preempts the model's threads mid-layer (18 % of the model's
+        speed lost that way on two cores; docs/performance.md, round 8). Yields each chunk's
+        kept items, Prediction and model seconds per image, in order; a window of two chunks
+        per lane bounds memory.
+        """
+        size = min(self.batch_size, CPU_CHUNK)
+        starts = iter(range(0, count, size))
+
+        def run(start: int) -> tuple[list[Item], Prediction, float]:
+            kept, pixels = zip(*(read(i) for i in range(start, min(start + size, count))),
+                               strict=True)
+            started = time.perf_counter()
+            prediction = self.predict_chunk(self.preprocess.normalize(np.stack(pixels)))
+            return list(kept), prediction, (time.perf_counter() - started) / len(kept)
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="rd-lane") as pool:
+            running = deque(pool.submit(run, start) for start in islice(starts, 2 * self.threads))
+            while running:
+                done = running.popleft().result()
+                start = next(starts, None)
+                if start is not None:  # keeps the window full
+                    running.append(pool.submit(run, start))
+                yield done
 
 
 def _prediction(outputs: list[np.ndarray]) -> Prediction:

@@ -22,11 +22,9 @@ import json
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from rd.data import IMAGE_SUFFIXES, DataError, Preprocess, read_image
-from rd.detector import CPU_CHUNK, Detector, is_defective
+from rd.detector import Detector, is_defective
 from rd.files import atomic_write
 from rd.outputs import check_outputs, mirrored_outputs
 from rd.results import ResultsStore, image_digest
@@ -223,48 +221,27 @@ def _through_loader(detector: Detector, dataset: _ImageFiles, static_batches: bo
 
 
 def _in_lanes(detector: OnnxDetector, dataset: _ImageFiles) -> Iterator[ScoredBatch]:
-    """Chunks scored in lanes, one per core (``detector.threads``): each decodes its chunk's
-    images and then runs the model on it single-threaded (ONNX Runtime on the CPU).
+    """Images decoded and scored in the model's lanes (``OnnxDetector.predict_in_lanes``; ONNX
+    Runtime on a CPU), regrouped into batches of ``detector.batch_size`` in input order: one
+    results-store transaction and one flush each."""
 
-    Decoding in worker processes preempts the model's threads mid-layer, and a two-threaded
-    layer then waits for its slower half: 18 % of the model's speed was lost that way on two
-    cores. A lane's decoding (PIL and numpy free the GIL) and its model run take turns on the
-    same thread instead: 0.93 of the model's speed (docs/performance.md, round 8; one lane more
-    than cores gave the same). Batches of ``detector.batch_size`` come out in input order (one
-    results-store transaction and one flush each); a window of two chunks per lane bounds
-    memory.
-    """
-    size = min(detector.batch_size, CPU_CHUNK)
-    starts = iter(range(0, len(dataset), size))
+    def read(index: int) -> tuple[dict[str, Any], np.ndarray]:
+        item = dataset[index]
+        return item, np.asarray(item.pop("image"))
 
-    def run(start: int) -> ScoredBatch:
-        items = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
-        chunk = {key: [item[key] for item in items] for key in items[0] if key != "image"}
-        started = time.perf_counter()
-        pixels = np.stack([np.asarray(item["image"]) for item in items])
-        prediction = detector.predict_chunk(detector.preprocess.normalize(pixels))
-        return (chunk, prediction.scores.numpy(), prediction.fused,
-                (time.perf_counter() - started) / len(items))
-
-    def merged(chunks: list[ScoredBatch]) -> ScoredBatch:
-        count = sum(len(chunk[1]) for chunk in chunks)
-        batch = {key: [value for chunk in chunks for value in chunk[0][key]]
-                 for key in chunks[0][0]}
-        return (batch, np.concatenate([chunk[1] for chunk in chunks]),
-                torch.cat([chunk[2] for chunk in chunks]),
-                sum(chunk[3] * len(chunk[1]) for chunk in chunks) / count)
-
-    with ThreadPoolExecutor(detector.threads, thread_name_prefix="rd-lane") as pool:
-        running = deque(pool.submit(run, start) for start in islice(starts, 2 * detector.threads))
-        done: list[ScoredBatch] = []
-        while running:
-            done.append(running.popleft().result())
-            start = next(starts, None)
-            if start is not None:  # keeps the window full
-                running.append(pool.submit(run, start))
-            if sum(len(chunk[1]) for chunk in done) >= detector.batch_size or not running:
-                yield merged(done)
-                done = []
+    chunks: list[tuple[list[dict[str, Any]], Any, float]] = []
+    scored = 0
+    for items, prediction, seconds in detector.predict_in_lanes(len(dataset), read):
+        chunks.append((items, prediction, seconds))
+        scored += len(items)
+        if sum(len(chunk[0]) for chunk in chunks) >= detector.batch_size or scored == len(
+                dataset):
+            items = [item for chunk in chunks for item in chunk[0]]
+            yield ({key: [item[key] for item in items] for key in items[0]},
+                   np.concatenate([chunk[1].scores.numpy() for chunk in chunks]),
+                   torch.cat([chunk[1].fused for chunk in chunks]),
+                   sum(chunk[2] * len(chunk[0]) for chunk in chunks) / len(items))
+            chunks = []
 
 
 # ----------------------------------------------------------------------------------- output

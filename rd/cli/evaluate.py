@@ -29,7 +29,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                    help="also compute the reference code's per-image PRO")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0,
+                   help="image-decoding processes (default 0: with ONNX Runtime on a CPU each "
+                        "of the model's threads decodes its own images, else this process)")
     p.add_argument("--teacher-weights", type=Path)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--eval-size", choices=EVAL_SIZES, default="model",

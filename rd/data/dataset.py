@@ -52,6 +52,16 @@ class ImageDataset(Dataset):
             "defect": sample.defect,
         }
 
+    def pixels_and_mask(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``index`` as uint8 (S, S, 3) pixels and a bool (S, S) mask: for the threads
+        that normalise their own images (``Preprocess.normalize`` of these pixels is the
+        ``image`` of ``__getitem__``, bit for bit)."""
+        image, mask = self._read(self.samples[index])
+        size = self.preprocess.size
+        binary = (np.zeros((size, size), dtype=bool) if mask is None
+                  else mask_to_tensor(mask, size)[0].numpy() > 0.5)
+        return self.preprocess.pixels(image).numpy(), binary
+
     def usable(self) -> tuple[list[Sample], list[str]]:
         """The samples whose image and mask decode, and one message per sample that does not."""
         good, problems = [], []

@@ -451,6 +451,9 @@ def test_dataset_items(tiny_mvtec: FakeMVTec) -> None:
         assert isinstance(item["label"], int)
         assert isinstance(item["path"], str)
         by_defect.setdefault(item["defect"], []).append(item)
+        pixels, mask = dataset.pixels_and_mask(index)  # what the lanes read: the same image
+        assert torch.equal(dataset.preprocess.normalize(torch.from_numpy(pixels)), item["image"])
+        assert np.array_equal(mask, item["mask"][0].numpy() > 0.5)
     assert all(item["mask"].sum() == 0 for item in by_defect["good"])
     for defect in ("scratch", "hole"):
         assert all(item["mask"].sum() > 0 for item in by_defect[defect])

@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -7,6 +9,7 @@ from rd.data import MVTecCategory, Sample
 from rd.detector import Detector
 from rd.evaluation import EvaluationError, evaluate, predict_samples, summary_rows
 from rd.training import TrainConfig, train
+from tests.conftest import save_seeded_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,38 @@ def test_evaluation_scores_equal_detector_predictions(detector, test_samples):
     _, _, scores = predict_samples(detector, test_samples)
     direct = detector.predict([s.path for s in test_samples]).scores
     np.testing.assert_allclose(scores, direct, atol=1e-6)
+
+
+def test_onnxruntime_lanes_give_the_process_pipelines_report(tmp_path, test_samples,
+                                                              monkeypatch):
+    """By default ONNX Runtime on a CPU reads the test images in the model's lanes (no
+    DataLoader): every number of the report equals that of the process pipeline."""
+    pytest.importorskip("onnxruntime")
+    from rd import evaluation
+    from rd.data import ImageDataset
+    from rd.runtime import load_runtime
+
+    checkpoint = save_seeded_checkpoint(tmp_path / "tiny.safetensors", 64)
+    onnx_detector, choice = load_runtime(checkpoint, "cpu", "onnxruntime")
+    assert choice.name == "onnxruntime"
+    onnx_detector.batch_size, onnx_detector.threads = 4, 2
+    by_processes = evaluate(onnx_detector, test_samples, workers=1)
+
+    read_in: set[str] = set()
+    pixels_and_mask = ImageDataset.pixels_and_mask
+
+    def recording(dataset, index):
+        read_in.add(threading.current_thread().name.split("_")[0])
+        return pixels_and_mask(dataset, index)
+
+    monkeypatch.setattr(ImageDataset, "pixels_and_mask", recording)
+    monkeypatch.setattr(evaluation, "DataLoader", None)  # no process pipeline
+    in_lanes = evaluate(onnx_detector, test_samples)
+    assert read_in == {"rd-lane"}
+    for key in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert in_lanes[key] == pytest.approx(by_processes[key], abs=1e-6), key
+    assert [image["score"] for image in in_lanes["images"]] == pytest.approx(
+        [image["score"] for image in by_processes["images"]], abs=1e-6)
 
 
 def test_unusable_test_sets_are_refused(detector, test_samples):
