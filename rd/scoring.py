@@ -229,19 +229,17 @@ def _in_lanes(detector: OnnxDetector, dataset: _ImageFiles) -> Iterator[ScoredBa
         item = dataset[index]
         return item, np.asarray(item.pop("image"))
 
-    chunks: list[tuple[list[dict[str, Any]], Any, float]] = []
-    scored = 0
-    for items, prediction, seconds in detector.predict_in_lanes(len(dataset), read):
-        chunks.append((items, prediction, seconds))
-        scored += len(items)
-        if sum(len(chunk[0]) for chunk in chunks) >= detector.batch_size or scored == len(
-                dataset):
-            items = [item for chunk in chunks for item in chunk[0]]
+    items: list[dict[str, Any]] = []
+    predictions, model_seconds = [], 0.0
+    for chunk, prediction, seconds in detector.predict_in_lanes(len(dataset), read):
+        items += chunk
+        predictions.append(prediction)
+        model_seconds += seconds * len(chunk)
+        if len(items) >= detector.batch_size or items[-1]["index"] == len(dataset) - 1:
             yield ({key: [item[key] for item in items] for key in items[0]},
-                   np.concatenate([chunk[1].scores.numpy() for chunk in chunks]),
-                   torch.cat([chunk[1].fused for chunk in chunks]),
-                   sum(chunk[2] * len(chunk[0]) for chunk in chunks) / len(items))
-            chunks = []
+                   np.concatenate([p.scores.numpy() for p in predictions]),
+                   torch.cat([p.fused for p in predictions]), model_seconds / len(items))
+            items, predictions, model_seconds = [], [], 0.0
 
 
 # ----------------------------------------------------------------------------------- output
