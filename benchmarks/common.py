@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rd.backbones import get_backbone
-from rd.data import Preprocess
+from rd.data import MVTecCategory, Preprocess
 from rd.model import ReverseDistillation, build_model
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -174,6 +174,19 @@ def base_parser(description: str, default_json: str) -> argparse.ArgumentParser:
                         help=f"where to write the results (default {default_json})")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return parser
+
+
+def checkpoints_on_category(description: str, argv: list[str] | None
+                            ) -> tuple[MVTecCategory, list[Path]]:
+    """The category and checkpoints of ``--data ROOT --category NAME --checkpoints CKPT...``
+    (the probes that score trained checkpoints on a test set), gradients off."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root")
+    parser.add_argument("--category", required=True)
+    parser.add_argument("--checkpoints", type=Path, nargs="+", required=True)
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    return MVTecCategory(args.data, args.category), args.checkpoints
 
 
 def apply_threads(threads: int | None) -> None:

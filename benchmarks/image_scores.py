@@ -18,13 +18,12 @@ Image AUROC over the whole test set and per defect kind (its images and the norm
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import print_table
+from benchmarks.common import checkpoints_on_category, print_table
 from rd.data import MVTecCategory
 from rd.detector import load
 from rd.maps import gaussian_blur
@@ -67,16 +66,10 @@ def measure(checkpoint: Path, data: MVTecCategory) -> tuple[list[str], list[list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root")
-    parser.add_argument("--category", required=True)
-    parser.add_argument("--checkpoints", type=Path, nargs="+", required=True)
-    args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    data = MVTecCategory(args.data, args.category)
-    for checkpoint in args.checkpoints:
+    data, checkpoints = checkpoints_on_category(__doc__.splitlines()[0], argv)
+    for checkpoint in checkpoints:
         kinds, rows = measure(checkpoint, data)
-        print_table(f"{args.category}: image AUROC by image score, {checkpoint.name}",
+        print_table(f"{data.category}: image AUROC by image score, {checkpoint.name}",
                     ["score", "all", *kinds], rows)
     return 0
 

@@ -16,14 +16,13 @@ its mean over the training images. Inference only: nothing is trained or stored.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import print_table
+from benchmarks.common import checkpoints_on_category, print_table
 from rd.data import MVTecCategory, read_mask
 from rd.detector import load
 from rd.maps import gaussian_blur
@@ -102,15 +101,9 @@ def measure(checkpoint: Path, data: MVTecCategory) -> list[list[object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="MVTec-layout root")
-    parser.add_argument("--category", required=True)
-    parser.add_argument("--checkpoints", type=Path, nargs="+", required=True)
-    args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    data = MVTecCategory(args.data, args.category)
-    for checkpoint in args.checkpoints:
-        print_table(f"{args.category}: {checkpoint.name}",
+    data, checkpoints = checkpoints_on_category(__doc__.splitlines()[0], argv)
+    for checkpoint in checkpoints:
+        print_table(f"{data.category}: {checkpoint.name}",
                     ["map", "defect", "image AUROC", "pixel AUROC"],
                     measure(checkpoint, data))
     return 0
