@@ -70,10 +70,11 @@ def measure(checkpoint: Path, data: MVTecCategory) -> list[list[object]]:
     size = detector.preprocess.size
     train = [s.path for s in data.train_samples()]
     test = list(data.test_samples())
-    stats = PositionStats(_pooled(detector, train))
+    normal = _pooled(detector, train)
+    stats = PositionStats(normal)
     rd_train = float(np.mean([float(detector.predict_native(p).fused.float().mean())
                               for p in train]))
-    stats_train = float(stats.maps(_pooled(detector, train), (size, size)).mean())
+    stats_train = float(stats.maps(normal, (size, size)).mean())
     rd_maps = [detector.predict_native(s.path).fused.float() for s in test]
     shape = tuple(rd_maps[0].shape)
     if any(tuple(m.shape) != shape for m in rd_maps):
