@@ -26,6 +26,7 @@ from rd.data.transforms import Preprocess
 from rd.errors import RDError
 from rd.files import atomic_write
 from rd.model import ReverseDistillation, build_model
+from rd.position import PositionStatistics
 from rd.version import __version__
 
 FORMAT = "rd4ad-student"
@@ -267,6 +268,7 @@ def load_checkpoint(path: str | Path, teacher_weights: str | Path | None = None,
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(_unreadable(path, error)) from None
     tensors = _load_adapted_teacher(model, tensors, meta, path)
+    tensors = _load_position(model, tensors, meta, path)
     load_student(model, tensors, str(path))
     return model, meta
 
@@ -288,6 +290,25 @@ def _load_adapted_teacher(model: ReverseDistillation, tensors: dict[str, torch.T
     return {k: v for k, v in tensors.items() if not k.startswith("teacher.")}
 
 
+def _load_position(model: ReverseDistillation, tensors: dict[str, torch.Tensor],
+                   meta: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Attach the position statistics a checkpoint carries (rd.position); returns the other
+    tensors."""
+    position = {k[len("position."):]: v for k, v in tensors.items()
+                if k.startswith("position.")}
+    if not meta.get("position_stats"):
+        return tensors
+    try:
+        statistics = PositionStatistics.from_tensors(position)
+        statistics.load_state_dict(position, strict=True)
+    except (KeyError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: its position statistics are missing or damaged: "
+                              f"{first}") from None
+    model.position = statistics.to(next(model.parameters()).device)
+    return {k: v for k, v in tensors.items() if not k.startswith("position.")}
+
+
 def load_student(model: ReverseDistillation, tensors: Mapping[str, torch.Tensor],
                  source: str) -> None:
     """Load bottleneck + decoder tensors, saying exactly which keys or shapes disagree."""
@@ -303,11 +324,13 @@ def load_student(model: ReverseDistillation, tensors: Mapping[str, torch.Tensor]
             f"shape mismatch: {wrong[:2]}" if wrong else "",
         ]))
         raise CheckpointError(f"{source} does not fit the {model.backbone} student: {details}")
-    model.load_state_dict({**tensors, **_teacher_state(model)}, strict=True)
+    model.load_state_dict({**tensors, **_fitted_state(model)}, strict=True)
 
 
-def _teacher_state(model: ReverseDistillation) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if k.startswith("teacher.")}
+def _fitted_state(model: ReverseDistillation) -> dict[str, torch.Tensor]:
+    """What the model holds besides the student: the teacher and position statistics."""
+    return {k: v for k, v in model.state_dict().items()
+            if k.startswith(("teacher.", "position."))}
 
 
 # ------------------------------------------------------------------- reference checkpoints

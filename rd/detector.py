@@ -36,8 +36,8 @@ class Detection:
     ``detection[i]`` is image i's ImageDetection."""
 
     layer_maps: np.ndarray  # (N, 3, S, S): 1 - cos per teacher layer (strides 4, 8, 16)
-    fused: np.ndarray  # (N, S, S): fused, Gaussian-smoothed anomaly map
-    scores: np.ndarray  # (N,): image scores (max of the fused map)
+    fused: np.ndarray  # (N, S, S): fused, Gaussian-smoothed anomaly map (rd.position adds to it)
+    scores: np.ndarray  # (N,): image scores (max of RD's fused map)
 
     def __len__(self) -> int:
         return len(self.scores)

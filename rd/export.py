@@ -8,8 +8,9 @@ Graph inputs and outputs (S = the checkpoint's image size)::
 
     images      float32 (N, 3, S, S)  resized to S×S, scaled to [0, 1], normalised (mean, std)
     layer_maps  float32 (N, 3, S, S)  unsmoothed 1 - cos per teacher layer
-    fused       float32 (N, S, S)     fused, Gaussian-smoothed anomaly map
-    scores      float32 (N,)          image scores (max of ``fused``)
+    fused       float32 (N, S, S)     fused, Gaussian-smoothed anomaly map (plus the position
+                                      statistics' map when trained with them: rd.position)
+    scores      float32 (N,)          image scores (max of RD's own smoothed map)
 
 The preprocessing (size, mean, std), backbone, fusion and stored thresholds travel in the ONNX
 file's metadata (``rd.*`` keys), so a consumer can preprocess and threshold without the
@@ -65,6 +66,7 @@ def onnx_metadata(detector: Detector) -> dict[str, str]:
         # how images were fitted to the input (squash, letterbox or tile; rd.geometry): the graph
         # takes one S×S input per image or tile, stitching and unpadding are the consumer's
         "rd.geometry": json.dumps(detector.geometry.to_dict()),
+        "rd.position_stats": json.dumps(detector.model.position is not None),
     }
 
 
@@ -77,6 +79,11 @@ def export_onnx(detector: Detector, out: str | Path, opset: int = DEFAULT_OPSET)
                           "pip install -r requirements.txt") from None
     if detector.amp is not None:
         raise ExportError("export a float32 graph: load the checkpoint without --amp")
+    if detector.model.position is not None and not detector.geometry.is_paper:
+        raise ExportError(f"this checkpoint's position statistics model the whole image, but "
+                          f"its graph takes {detector.geometry.mode} inputs one by one: export "
+                          "works for --position-stats with --resize squash; predict with "
+                          "--runtime torch")
     graph = InferenceGraph(detector).eval()
     size = detector.image_size
     example = torch.zeros(2, 3, size, size, device=detector.device)

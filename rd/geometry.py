@@ -234,7 +234,8 @@ def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Prepr
 
     ``squash`` upsamples the paper's S×S maps; ``letterbox`` crops the padding away;
     ``tile`` stitches the tiles' per-layer maps (overlaps averaged) before fusing and blurring;
-    ``multiscale`` adds the whole image's view (see the module's notes).
+    ``multiscale`` adds the whole image's view (see the module's notes). Position statistics
+    (rd.position), when the model has them, add their map; the score stays RD's.
     """
     rgb = read_image(image)
     device = device or next(model.parameters()).device
@@ -269,7 +270,21 @@ def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Prepr
         layers = F.interpolate(layers[None], size=target, mode="bilinear", align_corners=False)[0]
         fused = F.interpolate(fused[None, None], size=target, mode="bilinear",
                               align_corners=False)[0, 0]
+    if getattr(model, "position", None) is not None:  # the score stays RD's own
+        fused = fused + _position_map(model, rgb, preprocess, device)
     return NativeMaps(layers, fused, score)
+
+
+@torch.no_grad()
+def _position_map(model: torch.nn.Module, rgb: Image.Image, preprocess: Preprocess,
+                  device: torch.device) -> torch.Tensor:
+    """The position statistics' map (rd.position) at the image's size: they model the squashed
+    S×S view of the whole image, whatever the geometry."""
+    size = preprocess.size
+    features = model.teacher(preprocess(rgb).unsqueeze(0).to(device))
+    square = model.position(features, (size, size)).float()
+    return F.interpolate(square[:, None], size=(rgb.height, rgb.width), mode="bilinear",
+                         align_corners=False)[0, 0]
 
 
 # ------------------------------------------------------------------------------ training

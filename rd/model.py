@@ -11,6 +11,7 @@ from torch import nn
 from rd.bottleneck import OCBE
 from rd.decoder import Decoder
 from rd.maps import fuse, gaussian_blur, image_scores, layer_maps
+from rd.position import PositionStatistics
 from rd.teacher import Teacher, build_network, build_teacher, count_parameters
 
 # Blocks of the one-class embedding and of the decoder stages (stride 16, 8, 4), as in the
@@ -24,8 +25,8 @@ class Prediction:
     """What one forward pass yields for a batch, all at the input resolution."""
 
     layer_maps: torch.Tensor  # (N, 3, H, W) unsmoothed 1 - cos per layer
-    fused: torch.Tensor  # (N, H, W) fused and Gaussian-smoothed
-    scores: torch.Tensor  # (N,) max of the smoothed fused map
+    fused: torch.Tensor  # (N, H, W) fused and smoothed (+ position statistics: rd.position)
+    scores: torch.Tensor  # (N,) max of RD's smoothed fused map
 
 
 class ReverseDistillation(nn.Module):
@@ -38,6 +39,8 @@ class ReverseDistillation(nn.Module):
         self.bottleneck = OCBE(spec.channels, spec.block, embed_blocks, spec.width_factor)
         self.decoder = Decoder(spec.channels, spec.block, decoder_blocks, spec.width_factor,
                                final_relu=spec.decoder_final_relu)
+        # --position-stats (rd.position): fitted on the normal images, None for the paper
+        self.position: PositionStatistics | None = None
 
     def student(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Rebuild the teacher's features from their one-class embedding."""
@@ -49,14 +52,15 @@ class ReverseDistillation(nn.Module):
 
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable part only: the teacher is rebuilt from its own weights."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith(("teacher.", "position."))}
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: the student, and the teacher too once adapted (rd.adapt),
-        since an adapted teacher cannot be rebuilt from its ImageNet weights."""
-        if self.teacher.adapted == "none":
-            return self.student_state_dict()
-        return {k: v for k, v in self.state_dict().items()}
+        """What a checkpoint stores: the student, the teacher too once adapted (rd.adapt),
+        since an adapted teacher cannot be rebuilt from its ImageNet weights, and the position
+        statistics when fitted (rd.position)."""
+        rebuilt = ("teacher.",) if self.teacher.adapted == "none" else ()
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(rebuilt)}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, fusion: str = "sum",
@@ -72,7 +76,10 @@ class ReverseDistillation(nn.Module):
             features, rebuilt = self(images)
         maps = layer_maps(features, rebuilt, images.shape[-2:])
         smoothed = gaussian_blur(fuse(maps, fusion))
-        return Prediction(maps, smoothed, image_scores(smoothed))
+        scores = image_scores(smoothed)  # RD's own, with or without position statistics
+        if self.position is not None:
+            smoothed = smoothed + self.position(features, tuple(images.shape[-2:]))
+        return Prediction(maps, smoothed, scores)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

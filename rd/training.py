@@ -52,7 +52,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -79,9 +79,10 @@ from rd.checkpoints import (
 from rd.data import ImageDataset, Preprocess, Sample
 from rd.errors import RDError
 from rd.files import atomic_write, die_with_parent
-from rd.geometry import Geometry, masked_distillation_loss, training_dataset
+from rd.geometry import Geometry, masked_distillation_loss, predict_native, training_dataset
 from rd.losses import reverse_distillation_loss
 from rd.model import ReverseDistillation, build_model, resolve_device
+from rd.position import calibrate, fit_position_statistics
 
 CACHE_MODES = ("auto", "on", "off")
 # "auto" caches the teacher's features when they fit in this many bytes.
@@ -90,13 +91,16 @@ AUTO_CACHE_BYTES = 4 << 30
 STOPPED_EXIT = 75
 # TrainConfig fields beyond the paper's recipe (recorded in the recipe only when set)
 BEYOND_PAPER_OPTIONS = ("resize", "tile_scale", "teacher_adapt", "augment", "lr_schedule",
-                        "ema")
+                        "ema", "position_stats")
 # constant: the paper; cosine: the rate falls from --lr toward 0 over the epochs, so that the
 # saved student does not land on one of the loss spikes of a constant 0.005 (docs/results.md)
 LR_SCHEDULES = ("constant", "cosine")
 # --preset NAME: named settings of those options; "robust" is what won the study of
 # docs/results.md ("Beyond the paper"), empty while nothing has won
 PRESETS: dict[str, dict[str, Any]] = {"robust": {}}
+# At most this many normal training images weigh the position statistics against RD's map at
+# each save (rd.position): a bounded cost, however many images train.
+POSITION_CALIBRATION_IMAGES = 64
 # Largest --image-size accepted (16x the paper's 256 px); larger inputs need tiling.
 MAX_IMAGE_SIZE = 4096
 # A lower bound of a training step's memory, in multiples of the teacher's three feature maps of
@@ -177,6 +181,8 @@ class TrainConfig:
     # half-life in epochs of the moving average of the student's weights saved; 0 = the last
     # weights (the paper)
     ema: float = 0.0
+    # a per-position normal model of the teacher's features added to the map (rd.position)
+    position_stats: bool = False
     # Speed only (issue 12; maps equal within float rounding): NHWC weights and inputs, and
     # torch.compile of the student's step. Recorded in the recipe when set.
     channels_last: bool = False
@@ -265,7 +271,7 @@ class TrainConfig:
         for name in ("backbone", "device", "cache_teacher"):
             if not isinstance(getattr(config, name), str):
                 raise TrainingError(f"{name} must be a string, got {getattr(config, name)!r}")
-        for name in ("amp", "normalize", "channels_last", "compile"):
+        for name in ("amp", "normalize", "channels_last", "compile", "position_stats"):
             if not isinstance(getattr(config, name), bool):
                 raise TrainingError(f"{name} must be true or false, got "
                                     f"{getattr(config, name)!r}")
@@ -528,6 +534,8 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
             model.teacher, samples, preprocess, geometry, config.augment, device,
             log=(lambda line: print(line, file=sys.stderr)) if place.main else None)
         dataset = training_dataset(samples, preprocess, geometry, transforms)
+    if config.position_stats:  # the teacher's, so after its adaptation; fitted once
+        beyond["position_stats"] = _fit_position(model, samples, preprocess, config, device)
     optimizer = torch.optim.Adam(
         [*model.bottleneck.parameters(), *model.decoder.parameters()],
         lr=config.lr, betas=config.betas)
@@ -612,7 +620,10 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
             _save_resume_state(model, optimizer, average, config, position, out)
             with _student_replaced(model, average):
-                save_checkpoint(model, out, {**base_metadata, "epochs_trained": epoch})
+                calibrated = _calibrate_position(model, samples, preprocess, geometry,
+                                                 base_metadata, config.batch_size, device)
+                save_checkpoint(model, out, {**base_metadata, **calibrated,
+                                             "epochs_trained": epoch})
             saved_epoch = epoch
     if average is not None:  # the model returned is the one saved
         model.load_state_dict(average.student_state_dict(), strict=False)
@@ -669,10 +680,57 @@ def _epoch_of(line: str) -> float:
 
 
 def _init_from(model: ReverseDistillation, config: TrainConfig) -> None:
-    """Fine-tune: start from an existing student of the same backbone and image size."""
+    """Fine-tune: start from an existing student of the same backbone and image size (its
+    position statistics, if any, are not taken: --position-stats fits them anew)."""
     expect = {"backbone": config.backbone, "image_size": config.image_size}
     source, _ = load_checkpoint(config.init, config.teacher_weights, expect=expect)
-    model.load_state_dict(source.state_dict())
+    model.load_state_dict({k: v for k, v in source.state_dict().items()
+                           if not k.startswith("position.")})
+
+
+def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
+                  preprocess: Preprocess, config: TrainConfig, device: torch.device
+                  ) -> dict[str, Any]:
+    """Fit the position statistics (rd.position) on the squashed normal training images."""
+    loader = DataLoader(ImageDataset(samples, preprocess), batch_size=config.batch_size,
+                        shuffle=False, num_workers=config.workers)
+    model.position, info = fit_position_statistics(
+        model.teacher, lambda: (batch["image"] for batch in loader), config.image_size, device)
+    return info
+
+
+@torch.no_grad()
+def _calibrate_position(model: ReverseDistillation, samples: Sequence[Sample],
+                        preprocess: Preprocess, geometry: Geometry,
+                        metadata: Mapping[str, Any], batch_size: int, device: torch.device
+                        ) -> dict[str, Any]:
+    """Weigh the position statistics' map against the student's map as it is now (the mean of
+    RD's own map over up to POSITION_CALIBRATION_IMAGES normal training images, evenly spread);
+    returns the checkpoint's ``position_stats`` metadata ({} without them)."""
+    statistics = model.position
+    if statistics is None:
+        return {}
+    info = dict(metadata["position_stats"])
+    step = max(1, math.ceil(len(samples) / POSITION_CALIBRATION_IMAGES))
+    chosen = list(samples)[::step]
+    was_training = model.training
+    model.eval()
+    model.position = None  # RD's own map
+    try:
+        if geometry.is_paper:
+            loader = DataLoader(ImageDataset(chosen, preprocess), batch_size=batch_size)
+            rd_mean = sum(float(model.predict(batch["image"].to(device)).fused.sum())
+                          for batch in loader) / (len(chosen) * preprocess.size ** 2)
+        else:
+            rd_mean = sum(float(predict_native(model, s.path, preprocess, geometry, "sum",
+                                               batch_size, device).fused.mean())
+                          for s in chosen) / len(chosen)
+    finally:
+        model.position = statistics
+        model.train(was_training)
+    weight = calibrate(statistics, rd_mean, info["map_mean"])
+    return {"position_stats": {**info, "rd_mean": rd_mean, "weight": weight,
+                               "calibration_images": len(chosen)}}
 
 
 def _teacher_cache(model: ReverseDistillation, dataset: ImageDataset, config: TrainConfig,

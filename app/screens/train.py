@@ -79,12 +79,12 @@ def _apply_prefill(names: list[str]) -> None:
         st.session_state["train::backbone"] = prefill["backbone"]
 
 
-def _beyond_paper_options() -> dict[str, str | float]:
+def _beyond_paper_options() -> dict[str, str | float | bool]:
     """The options beyond the paper (issue 11), folded away; only those changed are returned,
     so the default stays the paper's recipe."""
-    chosen: dict[str, str | float] = {}
+    chosen: dict[str, str | float | bool] = {}
     with st.expander("Beyond the paper (input geometry, teacher adaptation, augmentation, "
-                     "learning-rate schedule, weight average)"):
+                     "learning-rate schedule, weight average, position statistics)"):
         columns = st.columns(5)
         resize = columns[0].selectbox(
             "Input geometry", list(RESIZE_MODES), key="train::resize",
@@ -110,11 +110,18 @@ def _beyond_paper_options() -> dict[str, str | float]:
             help="0: save the last weights (the paper); E: save a moving average of the "
             "student's weights with a half-life of E epochs, which damps the loss spikes "
             "without lowering the rate (1 is a good start).")
+        position = st.checkbox(
+            "Position statistics (parts that lie in place)", key="train::position_stats",
+            help="Adds a per-position model of the normal images' teacher features to the "
+            "heat map: large faint regions and misplaced parts the student rebuilds show up. "
+            "Only for parts that always lie in the same place and pose (a fixture, a "
+            "conveyor); the image score stays the paper's.")
     for option, value, default in (("resize", resize, "squash"),
                                    ("teacher_adapt", adapt, "none"),
                                    ("augment", augment, "none"),
                                    ("lr_schedule", schedule, "constant"),
-                                   ("ema", float(ema), 0.0)):
+                                   ("ema", float(ema), 0.0),
+                                   ("position_stats", position, False)):
         if value != default:
             chosen[option] = value
     return chosen

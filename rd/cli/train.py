@@ -69,6 +69,11 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="save a moving average of the student's weights with this "
                         "half-life in epochs (e.g. 1) instead of the last weights, which a "
                         "loss spike may have thrown off; default 0 = off (the paper)")
+    beyond.add_argument("--position-stats", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="for parts that lie in place: add a per-position normal model "
+                        "of the teacher's features to the map (large faint regions, misplaced "
+                        "parts); the image score stays the paper's; default off")
     beyond.add_argument("--preset", choices=sorted(PRESETS),
                         help="robust: the combination that won the study (explicit flags win)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")

@@ -117,16 +117,19 @@ def test_a_broken_job_is_deleted_after_confirmation(studio, jobs_root, monkeypat
 
 def test_options_beyond_the_paper_reach_the_job(studio, jobs_root, monkeypatch):
     """The folded-away options (geometry, augmentation, learning-rate schedule, weight
-    average) go into the job's configuration when changed, and stay the paper's when not."""
+    average, position statistics) go into the job's configuration when changed, and stay the
+    paper's when not."""
     monkeypatch.setenv(jobs.SLOTS_ENV["cpu"], "0")  # queued: no process is started
     at = _train_page(studio)
     at.selectbox(key="train::device").set_value("cpu")
     at.selectbox(key="train::augment").set_value("auto")
     at.selectbox(key="train::lr_schedule").set_value("cosine")
     at.number_input(key="train::ema").set_value(1.5)
+    at.checkbox(key="train::position_stats").check()
     at.button(key="train::start").click().run()
     assert not at.exception, [e.value for e in at.exception]
     (job,) = jobs.list_jobs()
     config = job.config
     assert (config.augment, config.lr_schedule, config.ema) == ("auto", "cosine", 1.5)
+    assert config.position_stats is True
     assert (config.resize, config.teacher_adapt) == ("squash", "none")  # the paper's

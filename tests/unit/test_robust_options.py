@@ -24,10 +24,12 @@ def test_no_flag_is_the_paper() -> None:
 
 def test_flags_reach_the_config_and_its_recipe() -> None:
     config = config_of("--resize", "tile", "--tile-scale", "0.5", "--teacher-adapt", "bn",
-                       "--augment", "hflip,blur")
+                       "--augment", "hflip,blur", "--position-stats")
     assert config.recipe()["resize"] == "tile" and config.recipe()["tile_scale"] == 0.5
     assert config.recipe()["teacher_adapt"] == "bn"
     assert config.recipe()["augment"] == "hflip,blur"
+    assert config.recipe()["position_stats"] is True
+    assert "position_stats" not in config_of().recipe()
 
 
 def test_preset_fills_options_and_explicit_flags_win(monkeypatch) -> None:

@@ -1,0 +1,126 @@
+"""Position statistics: a per-position normal model of the teacher's features beside RD's map.
+
+For parts that lie in place (a fixtured casting, a strip on a conveyor), a large faint region
+is a defect the student rebuilds along with everything else: the one-class embedding carries
+it (docs/results.md, round 9). What the embedding cannot tell, a per-position model can: each
+position's teacher features of layers 1 and 2, averaged over a window of a quarter of the
+image's side, are compared with that position's mean and variance over the normal training
+images (a diagonal Gaussian per position, as PaDiM models patches: Defard et al., 2021). The
+map is the mean squared z-score over channels, the two layers averaged at the S×S input,
+blurred like RD's map (σ = 4).
+
+``--position-stats`` (off by default: the paper) fits these statistics once on the normal
+training images of the squashed S×S view, before the student is trained, and adds
+``weight × map`` to RD's smoothed map, ``weight`` being the ratio of the two maps' means over
+the normal training images (each map counts as much as the other on normal images; the sum
+stays in RD's units). The image score stays RD's own, since the statistics flag any image whose
+normal variation moves with position (hazelnut's rotations: image AUROC 1.0 -> 0.73).
+
+The statistics are buffers of ``ReverseDistillation.position`` (checkpoint tensors
+``position.*``), so ``predict``, the exported ONNX graph and ``predict_native`` all carry them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rd.maps import gaussian_blur
+
+LAYERS = (0, 1)  # teacher layers modelled (strides 4 and 8): where features still localise
+WINDOW_SHARE = 4  # the pooling window is 1/WINDOW_SHARE of the layer's side
+VARIANCE_FLOOR = 1e-3  # added to each variance, times the layer's mean variance
+
+
+def window(side: int) -> int:
+    """Pooling window, in cells, of a layer ``side`` cells wide (16 and 8 at 256 px)."""
+    return max(1, side // WINDOW_SHARE)
+
+
+def pooled(feature: torch.Tensor) -> torch.Tensor:
+    """Each cell's features averaged over the window around it (same size as ``feature``)."""
+    size = window(feature.shape[-1])
+    out = F.avg_pool2d(feature.float(), size, 1, size // 2)
+    return out[..., :feature.shape[-2], :feature.shape[-1]]
+
+
+class PositionStatistics(nn.Module):
+    """Per-position mean and variance of the pooled teacher features of the normal images,
+    and the weight that brings their map to RD's scale."""
+
+    def __init__(self, shapes: Iterable[tuple[int, int, int]]) -> None:
+        super().__init__()
+        self.shapes = [tuple(shape) for shape in shapes]
+        for index, shape in enumerate(self.shapes):
+            self.register_buffer(f"mean{index}", torch.zeros(shape))
+            self.register_buffer(f"var{index}", torch.ones(shape))
+        self.register_buffer("weight", torch.ones(()))
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> PositionStatistics:
+        """Statistics of the shapes ``tensors`` (a checkpoint's ``position.*``) hold."""
+        shapes = [tuple(tensors[f"mean{i}"].shape) for i in range(len(LAYERS))]
+        return cls(shapes)
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """(N, H, W): ``weight`` times the smoothed statistics map at ``size``."""
+        return self.weight * self.raw_map(features, size)
+
+    def raw_map(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """(N, H, W): mean squared z-score over channels, layers averaged, blurred (σ 4)."""
+        total = None
+        for index, layer in enumerate(LAYERS):
+            mean, var = getattr(self, f"mean{index}"), getattr(self, f"var{index}")
+            distance = ((pooled(features[layer]) - mean) ** 2 / var).mean(1, keepdim=True)
+            upsampled = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
+            total = upsampled if total is None else total + upsampled
+        return gaussian_blur(total[:, 0] / len(LAYERS))
+
+
+@torch.no_grad()
+def fit_position_statistics(teacher: nn.Module,
+                            batches: Callable[[], Iterable[torch.Tensor]], size: int,
+                            device: torch.device | None = None
+                            ) -> tuple[PositionStatistics, dict[str, Any]]:
+    """Fit the statistics on the batches of preprocessed S×S normal images ``batches()``
+    yields (called twice: the moments, then the map's mean over the same images). Returns them
+    with what the checkpoint records."""
+    device = device or next(teacher.parameters()).device
+    sums: list[torch.Tensor] = []
+    squares: list[torch.Tensor] = []
+    count = 0
+    for batch in batches():
+        features = teacher(batch.to(device))
+        for index, layer in enumerate(LAYERS):
+            cells = pooled(features[layer]).double()
+            if len(sums) <= index:
+                sums.append(torch.zeros_like(cells[0]))
+                squares.append(torch.zeros_like(cells[0]))
+            sums[index] += cells.sum(0)
+            squares[index] += (cells ** 2).sum(0)
+        count += len(batch)
+    if count < 2:
+        raise ValueError("position statistics need at least two normal training images")
+    statistics = PositionStatistics([tuple(s.shape) for s in sums]).to(device)
+    for index, (total, square) in enumerate(zip(sums, squares, strict=True)):
+        mean = total / count
+        var = ((square - count * mean ** 2) / (count - 1)).clamp_min(0)
+        var = var + VARIANCE_FLOOR * var.mean()
+        getattr(statistics, f"mean{index}").copy_(mean.float())
+        getattr(statistics, f"var{index}").copy_(var.float())
+    raw_mean = sum(float(statistics.raw_map(teacher(batch.to(device)), (size, size)).sum())
+                   for batch in batches()) / (count * size * size)
+    return statistics, {"layers": [layer + 1 for layer in LAYERS],
+                        "window": f"1/{WINDOW_SHARE} of the side", "images": count,
+                        "variance_floor": VARIANCE_FLOOR, "map_mean": raw_mean}
+
+
+def calibrate(statistics: PositionStatistics, rd_mean: float, map_mean: float) -> float:
+    """Set ``weight`` so that the statistics map's normal mean equals RD's; returns it."""
+    weight = rd_mean / map_mean if map_mean > 0 else 0.0
+    statistics.weight.fill_(weight)
+    return weight

@@ -1,0 +1,193 @@
+"""Position statistics (rd.position): exact moments, a map that finds a region normal images
+never show there, and a trained option that travels through the checkpoint, predict, the
+native maps and the ONNX export while the image score stays RD's own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rd.checkpoints import CheckpointError, load_checkpoint, read_metadata, update_metadata
+from rd.data import HALF, MVTecCategory, Preprocess
+from rd.detector import load
+from rd.geometry import Geometry, predict_native
+from rd.position import PositionStatistics, fit_position_statistics, pooled
+from rd.teacher import build_teacher
+from rd.training import TrainConfig, train
+
+SIZE = 64
+PRE = Preprocess(SIZE, HALF, HALF)
+
+
+def _grey_parts(count: int, seed: int) -> list[np.ndarray]:
+    """A fixtured part: a bright square on the left, dark on the right, with sensor noise."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        image = np.full((SIZE, SIZE, 3), 60.0)
+        image[8:40, 8:40] = 190.0
+        image += rng.normal(0, 4, image.shape)
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_teacher("efficientnet_lite0")
+
+
+def _batches(images: list[np.ndarray]):
+    tensors = torch.stack([PRE(Image.fromarray(image)) for image in images])
+    return lambda: iter(tensors.split(5))
+
+
+def test_moments_equal_the_stacked_mean_and_variance(teacher) -> None:
+    images = _grey_parts(12, seed=0)
+    statistics, info = fit_position_statistics(teacher, _batches(images), SIZE)
+    features = teacher(torch.cat(list(_batches(images)())))
+    for index, layer in enumerate((0, 1)):
+        cells = pooled(features[layer])
+        var = cells.var(0)
+        assert torch.allclose(getattr(statistics, f"mean{index}"), cells.mean(0), atol=1e-5)
+        assert torch.allclose(getattr(statistics, f"var{index}"), var + 1e-3 * var.mean(),
+                              rtol=1e-4, atol=1e-6)
+    maps = statistics.raw_map(features, (SIZE, SIZE))
+    assert info["images"] == 12 and info["map_mean"] == pytest.approx(float(maps.mean()),
+                                                                      rel=1e-5)
+
+
+def test_a_region_never_seen_there_stands_out(teacher) -> None:
+    statistics, _ = fit_position_statistics(teacher, _batches(_grey_parts(16, seed=1)), SIZE)
+    normal, moved = _grey_parts(2, seed=2)
+    moved[8:40, 8:40] = 60  # the bright square is missing: each pixel alone looks normal
+    moved[8:40, 24:56] = 190  # ... and it sits where normal parts are dark
+    maps = statistics.raw_map(teacher(torch.stack([PRE(Image.fromarray(normal)),
+                                                   PRE(Image.fromarray(moved))])), (SIZE, SIZE))
+    assert float(maps[1].max()) > 5 * float(maps[0].max())
+    region = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    region[8:40, 8:56] = True
+    assert float(maps[1][region].mean()) > 2 * float(maps[1][~region].mean())
+
+
+def test_fitting_needs_two_images(teacher) -> None:
+    with pytest.raises(ValueError, match="two normal"):
+        fit_position_statistics(teacher, _batches(_grey_parts(1, seed=0)), SIZE)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_mvtec, tmp_path_factory):
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    out = tmp_path_factory.mktemp("position") / "position.safetensors"
+    config = TrainConfig(image_size=SIZE, epochs=1, batch_size=4, device="cpu",
+                         position_stats=True)
+    train(category.train_samples(), config, out, progress=False)
+    return category, out, Preprocess.from_dict(read_metadata(out)["preprocess"])
+
+
+def test_the_checkpoint_carries_the_statistics_and_their_weight(trained) -> None:
+    category, out, checkpoint_pre = trained
+    meta = read_metadata(out)
+    info = meta["position_stats"]
+    assert meta["recipe"]["position_stats"] is True
+    assert info["images"] == len(category.train_samples()) and info["weight"] > 0
+    assert info["weight"] == pytest.approx(info["rd_mean"] / info["map_mean"])
+    model, _ = load_checkpoint(out)
+    assert model.position is not None
+    assert float(model.position.weight) == pytest.approx(info["weight"])
+    # the weight gives both maps the same mean over the normal training images
+    batch = torch.stack([checkpoint_pre(s.path) for s in category.train_samples()])
+    features = model.teacher(batch)
+    added = model.position(features, (SIZE, SIZE))
+    assert float(added.mean()) == pytest.approx(info["rd_mean"], rel=1e-4)
+
+
+def test_predict_adds_the_map_and_keeps_rd_score(trained) -> None:
+    category, out, checkpoint_pre = trained
+    detector = load(out, "cpu")
+    paths = [s.path for s in category.test_samples()[:3]]
+    with_stats = detector.predict_tensor(detector.to_batch(paths))
+    statistics, detector.model.position = detector.model.position, None
+    rd_only = detector.predict_tensor(detector.to_batch(paths))
+    detector.model.position = statistics
+    features = detector.model.teacher(detector.to_batch(paths))
+    expected = rd_only.fused + statistics(features, (SIZE, SIZE))
+    assert torch.allclose(with_stats.fused, expected, atol=1e-6)
+    assert torch.equal(with_stats.scores, rd_only.scores)
+    assert torch.equal(with_stats.layer_maps, rd_only.layer_maps)
+    assert bool((with_stats.fused > rd_only.fused).all())  # a squared distance is never < 0
+    native = detector.predict_native(paths[0])  # the same map at the original size (64 px)
+    assert torch.allclose(native.fused, with_stats.fused[0], atol=1e-5)
+    assert native.score == pytest.approx(float(rd_only.scores[0]), abs=1e-6)
+
+
+def test_the_onnx_graph_carries_the_statistics(trained, tmp_path) -> None:
+    from rd.export import TOLERANCE, export_onnx, verify_onnx
+
+    category, out, checkpoint_pre = trained
+    detector = load(out, "cpu")
+    path = export_onnx(detector, tmp_path / "position.onnx")
+    batch = detector.to_batch([s.path for s in category.test_samples()[:2]])
+    assert max(verify_onnx(path, detector, batch).values()) <= TOLERANCE
+
+
+def test_native_geometries_add_the_whole_image_map(trained, tmp_path) -> None:
+    category, out, checkpoint_pre = trained
+    model, _ = load_checkpoint(out)
+    wide = tmp_path / "wide.png"
+    Image.open(category.test_samples()[0].path).convert("RGB").resize((160, 64)).save(wide)
+    geometry = Geometry("letterbox")
+    with_stats = predict_native(model, wide, checkpoint_pre, geometry)
+    statistics, model.position = model.position, None
+    rd_only = predict_native(model, wide, checkpoint_pre, geometry)
+    features = model.teacher(checkpoint_pre(wide).unsqueeze(0))
+    square = statistics(features, (SIZE, SIZE))
+    expected = torch.nn.functional.interpolate(square[:, None], size=(64, 160),
+                                               mode="bilinear", align_corners=False)[0, 0]
+    assert with_stats.fused.shape == (64, 160)
+    assert torch.allclose(with_stats.fused, rd_only.fused + expected, atol=1e-5)
+    assert with_stats.score == rd_only.score
+
+
+def test_export_refuses_statistics_with_tiles(trained, tmp_path) -> None:
+    from rd.export import ExportError, export_onnx
+
+    _, out, _ = trained
+    tiled = tmp_path / "tiled.safetensors"
+    tiled.write_bytes(out.read_bytes())
+    update_metadata(tiled, {"geometry": Geometry("tile").to_dict()})
+    with pytest.raises(ExportError, match="position statistics"):
+        export_onnx(load(tiled, "cpu"), tmp_path / "tiled.onnx")
+
+
+def test_statistics_without_their_tensors_are_refused(trained, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, out, _ = trained
+    broken = tmp_path / "broken.safetensors"
+    tensors = {k: v for k, v in load_file(str(out)).items() if k != "position.var1"}
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as handle:
+        header = handle.metadata()
+    save_file(tensors, str(broken), metadata=header)
+    with pytest.raises(CheckpointError, match="position statistics"):
+        load_checkpoint(broken)
+
+
+def test_statistics_tensors_without_the_option_are_refused(trained, tmp_path) -> None:
+    _, out, _ = trained
+    stray = tmp_path / "stray.safetensors"
+    stray.write_bytes(out.read_bytes())
+    update_metadata(stray, {"position_stats": None})
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_checkpoint(stray)
+
+
+def test_the_statistics_module_rebuilds_from_its_tensors() -> None:
+    statistics = PositionStatistics([(4, 8, 8), (6, 4, 4)])
+    statistics.mean1.fill_(2.0)
+    again = PositionStatistics.from_tensors(statistics.state_dict())
+    again.load_state_dict(statistics.state_dict())
+    assert again.shapes == [(4, 8, 8), (6, 4, 4)] and float(again.mean1[0, 0, 0]) == 2.0
