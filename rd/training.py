@@ -535,7 +535,8 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
             log=(lambda line: print(line, file=sys.stderr)) if place.main else None)
         dataset = training_dataset(samples, preprocess, geometry, transforms)
     if config.position_stats:  # the teacher's, so after its adaptation; fitted once
-        beyond["position_stats"] = _fit_position(model, samples, preprocess, config, device)
+        beyond["position_stats"] = _fit_position(model, samples, preprocess, config.batch_size,
+                                                 config.workers, device)
     optimizer = torch.optim.Adam(
         [*model.bottleneck.parameters(), *model.decoder.parameters()],
         lr=config.lr, betas=config.betas)
@@ -689,14 +690,39 @@ def _init_from(model: ReverseDistillation, config: TrainConfig) -> None:
 
 
 def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
-                  preprocess: Preprocess, config: TrainConfig, device: torch.device
+                  preprocess: Preprocess, batch_size: int, workers: int, device: torch.device
                   ) -> dict[str, Any]:
     """Fit the position statistics (rd.position) on the squashed normal training images."""
-    loader = DataLoader(ImageDataset(samples, preprocess), batch_size=config.batch_size,
-                        shuffle=False, num_workers=config.workers)
+    loader = DataLoader(ImageDataset(samples, preprocess), batch_size=batch_size,
+                        shuffle=False, num_workers=workers)
     model.position, info = fit_position_statistics(
-        model.teacher, lambda: (batch["image"] for batch in loader), config.image_size, device)
+        model.teacher, lambda: (batch["image"] for batch in loader), preprocess.size, device)
     return info
+
+
+def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
+                            out: str | Path, device: str = "auto", batch_size: int = 16
+                            ) -> dict[str, Any]:
+    """Write ``checkpoint`` with position statistics fitted on its normal training images
+    ``samples`` to ``out``: the same checkpoint ``--position-stats`` training gives, since
+    they leave the student as it is, without training again. The stored evaluation is left
+    out (its pixel metrics no longer hold): evaluate the new checkpoint. Returns its
+    ``position_stats`` metadata."""
+    model, meta = load_checkpoint(checkpoint)
+    if meta.get("position_stats"):
+        raise TrainingError(f"{checkpoint} already has position statistics")
+    device = resolve_device(device)
+    model.to(device).eval()
+    preprocess = Preprocess.from_dict(meta.preprocess)
+    fitted = {"position_stats": _fit_position(model, samples, preprocess, batch_size, 0,
+                                              device)}
+    calibrated = _calibrate_position(model, samples, preprocess, Geometry.from_metadata(meta),
+                                     fitted, batch_size, device)
+    kept = {k: v for k, v in meta.to_dict().items()
+            if k not in ("metrics", "normal_scores", "created_utc", "software")}
+    recipe = {**(meta.get("recipe") or {}), "position_stats": True}
+    save_checkpoint(model, out, {**kept, **calibrated, "recipe": recipe})
+    return calibrated["position_stats"]
 
 
 @torch.no_grad()

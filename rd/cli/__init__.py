@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_parser(commands)  # after train: `jobs submit` takes its options
     novelty.add_parser(commands)
     checkpoints.add_export_parser(commands)
+    checkpoints.add_position_parser(commands)
     checkpoints.add_info_parser(commands)
     return parser
 

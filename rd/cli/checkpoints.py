@@ -1,4 +1,5 @@
-"""Checkpoint commands: ``import-reference``, ``info`` and ``export``."""
+"""Checkpoint commands: ``import-reference``, ``info``, ``export`` and
+``add-position-stats``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from rd.backbones import list_backbones
 from rd.checkpoints import import_reference, read_metadata
+from rd.cli.common import add_data_options, open_data
 from rd.detector import load
 from rd.export import (
     DEFAULT_OPSET,
@@ -22,7 +24,7 @@ from rd.export import (
 )
 from rd.model import parameter_counts
 from rd.outputs import check_outputs
-from rd.training import check_image_size
+from rd.training import add_position_statistics, check_image_size
 
 
 def add_import_parser(commands: argparse._SubParsersAction) -> None:
@@ -46,6 +48,31 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
                             args.teacher_weights, args.category)
     print(f"imported {args.reference} -> {args.out} ({meta['backbone']}, "
           f"{meta['preprocess']['size']} px)")
+    return 0
+
+
+def add_position_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "add-position-stats", help="fit position statistics onto a trained checkpoint",
+        description="For parts that lie in place: write the checkpoint again with a "
+        "per-position normal model of the teacher's features fitted on the normal training "
+        "images (what train --position-stats gives, without training again). Evaluate the "
+        "new checkpoint afterwards: its stored metrics are left out.")
+    add_data_options(p)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    p.set_defaults(func=cmd_add_position)
+
+
+def cmd_add_position(args: argparse.Namespace) -> int:
+    check_outputs([args.out], [args.checkpoint], args.overwrite)
+    data = open_data(args)
+    info = add_position_statistics(args.checkpoint, data.train_samples(), args.out,
+                                   args.device)
+    print(f"wrote {args.out}: position statistics of {info['images']} normal images, "
+          f"weight {info['weight']:.4g} (evaluate it for its metrics and thresholds)")
     return 0
 
 

@@ -191,3 +191,32 @@ def test_the_statistics_module_rebuilds_from_its_tensors() -> None:
     again = PositionStatistics.from_tensors(statistics.state_dict())
     again.load_state_dict(statistics.state_dict())
     assert again.shapes == [(4, 8, 8), (6, 4, 4)] and float(again.mean1[0, 0, 0]) == 2.0
+
+
+def test_added_to_a_trained_checkpoint_equals_training_with_them(trained, tmp_path,
+                                                                capsys) -> None:
+    """The statistics leave the student as it is: fitting them onto the paper's checkpoint
+    gives the tensors and weight of training with --position-stats."""
+    from safetensors.torch import load_file
+
+    from rd.cli import main
+
+    category, out, _ = trained
+    paper = tmp_path / "paper.safetensors"
+    train(category.train_samples(), TrainConfig(image_size=SIZE, epochs=1, batch_size=4,
+                                                device="cpu"), paper, progress=False)
+    added = tmp_path / "added.safetensors"
+    assert main(["add-position-stats", "--checkpoint", str(paper), "--data",
+                 str(category.root), "--category", category.category, "--out", str(added),
+                 "--device", "cpu"]) == 0
+    expected, got = load_file(str(out)), load_file(str(added))
+    assert sorted(expected) == sorted(got)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    info, again = read_metadata(out)["position_stats"], read_metadata(added)["position_stats"]
+    assert again == pytest.approx(info, rel=1e-6)  # sums in other batch sizes
+    assert read_metadata(added)["recipe"] == read_metadata(out)["recipe"]
+    assert main(["add-position-stats", "--checkpoint", str(added), "--data",
+                 str(category.root), "--category", category.category, "--out",
+                 str(tmp_path / "twice.safetensors"), "--device", "cpu"]) != 0
+    assert "already has position statistics" in capsys.readouterr().err
+    assert not (tmp_path / "twice.safetensors").exists()
