@@ -23,6 +23,7 @@ from app.views.detail import (
     fit_mask,
     npy_bytes,
     png_bytes,
+    score_note,
     show_maps,
     show_verdict,
     to_size,
@@ -162,8 +163,7 @@ def _show(chosen: state.Selection, detector, found: state.Evaluation | None, *, 
     top = st.columns([1, 1, 2])
     show_verdict(top[:2], detection.score, threshold, detection.verdict(threshold))
     top[2].caption(f"Threshold {threshold:.4f} (set it on the Evaluate page); flagged "
-                   "defective when score ≥ threshold. Score = maximum of the smoothed fused "
-                   "map.")
+                   "defective when score ≥ threshold. " + score_note(detector.metadata))
     options = _colour_controls()
     model = detector.image_size
     size = (model, model) if options["model_size"] else None

@@ -28,6 +28,17 @@ from app.views.images import (
 )
 from rd.decision import is_defective
 
+
+def score_note(metadata: Any) -> str:
+    """What a model's score is, and what its heat map shows besides (a checkpoint's
+    metadata: ``position_stats`` when trained with them, rd.position)."""
+    if not metadata.get("position_stats"):
+        return "Score = maximum of the smoothed fused map."
+    return ("Score = maximum of the paper's smoothed fused map. The heat map adds this "
+            "model's position statistics (where the image differs from the normal images at "
+            "the same place: faint large regions, misplaced parts), which the score leaves "
+            "out.")
+
 LAYER_NAMES = ("layer 1 · stride 4", "layer 2 · stride 8", "layer 3 · stride 16")
 DISPLAY_MAX = 512  # longest side of the shown pictures: the page shows them at most ~450 px wide
 PNG_LEVEL = 1  # zlib level: 6x faster than PIL's default for ~15% more bytes (sent on localhost)

@@ -104,7 +104,7 @@ def test_the_checkpoint_carries_the_statistics_and_their_weight(trained) -> None
 
 
 def test_predict_adds_the_map_and_keeps_rd_score(trained) -> None:
-    category, out, checkpoint_pre = trained
+    category, out, _ = trained
     detector = load(out, "cpu")
     paths = [s.path for s in category.test_samples()[:3]]
     with_stats = detector.predict_tensor(detector.to_batch(paths))
@@ -125,7 +125,7 @@ def test_predict_adds_the_map_and_keeps_rd_score(trained) -> None:
 def test_the_onnx_graph_carries_the_statistics(trained, tmp_path) -> None:
     from rd.export import TOLERANCE, export_onnx, verify_onnx
 
-    category, out, checkpoint_pre = trained
+    category, out, _ = trained
     detector = load(out, "cpu")
     path = export_onnx(detector, tmp_path / "position.onnx")
     batch = detector.to_batch([s.path for s in category.test_samples()[:2]])

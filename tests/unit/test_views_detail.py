@@ -16,6 +16,7 @@ from app.views.detail import (
     fit_mask,
     layer_context,
     npy_bytes,
+    score_note,
     to_size,
 )
 from app.views.images import ScaleContext
@@ -69,3 +70,12 @@ def test_download_names_carry_category_defect_and_image():
         "wood_crack_003_overlay.png"
     assert download_name("fabric", "upload", "part", "layers", "npy") == \
         "fabric_upload_part_layers.npy"
+
+
+def test_the_score_note_says_when_the_heat_map_adds_position_statistics() -> None:
+    """A model trained with --position-stats shows more on its heat map than its score
+    counts: the note says so, and says nothing of it for the paper's models."""
+    paper = score_note({})
+    position = score_note({"position_stats": {"weight": 1.0}})
+    assert "position statistics" not in paper
+    assert "position statistics" in position and "score leaves out" in position

@@ -1,0 +1,94 @@
+"""``--position-stats`` measured: each trained checkpoint of a study beside itself with them.
+
+The statistics leave the student as it is (``tests/unit/test_position.py`` checks that fitting
+them onto a checkpoint gives the tensors of training with the flag), so every run of a
+``benchmarks.robust_study`` folder is measured twice without training again: as it was, and
+with position statistics fitted on its normal training images
+(``rd.training.add_position_statistics``). Both are evaluated here, in the same run, as the
+study evaluates (pixel metrics at the native size of the non-square categories).
+
+    OMP_NUM_THREADS=2 python -m benchmarks.position_study --work /tmp/robust_r9 \\
+        --mvtec ../shared/data/mvtec_subset --datasets casting,metal_strip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import print_table
+from benchmarks.robust_study import DATASETS, prepare
+from rd.data import MVTecCategory
+from rd.detector import load
+from rd.evaluation import evaluate
+from rd.training import add_position_statistics
+
+EVAL_SIZE = {name: size for name, _, size in DATASETS}
+
+
+def _metrics(report: dict[str, Any]) -> str:
+    return (f"{report['image_auroc']:.3f} / {report['pixel_auroc']:.3f} / "
+            f"{report['au_pro']:.3f}")
+
+
+def measure(work: Path, mvtec: Path | None, datasets: list[str] | None,
+            rows: list[str] | None, hard_train: int) -> list[list[object]]:
+    roots = prepare(work, mvtec, 0, hard_train)
+    out = work / "position"
+    out.mkdir(exist_ok=True)
+    table = []
+    for record in map(json.loads, (work / "results.jsonl").open()):
+        dataset, row = record["dataset"], record["row"]
+        if (dataset not in roots or (datasets and dataset not in datasets)
+                or (rows and row not in rows)):
+            continue
+        name = f"{dataset}-{row.replace(' ', '_')}-{record['seed']}"
+        checkpoint = work / "models" / f"{name}.safetensors"
+        root, category_name = roots[dataset]
+        category = MVTecCategory(root, category_name)
+        started = time.perf_counter()
+        added = out / f"{name}.safetensors"
+        if not added.exists():
+            add_position_statistics(checkpoint, category.train_samples(), added, "cpu")
+        fit_seconds = time.perf_counter() - started
+        reports = {}
+        for label, path in (("without", checkpoint), ("with", added)):
+            started = time.perf_counter()
+            reports[label] = evaluate(load(path, "cpu"), category.test_samples(),
+                                      eval_size=EVAL_SIZE[dataset])
+            reports[label]["wall"] = time.perf_counter() - started
+        defects = ", ".join(
+            f"{kind} {reports['without']['per_defect'][kind]['pixel_auroc']:.3f}"
+            f"->{values['pixel_auroc']:.3f}"
+            for kind, values in reports["with"]["per_defect"].items())
+        line = [dataset, row, record["seed"], record["epochs"], _metrics(reports["without"]),
+                _metrics(reports["with"]), defects, f"{fit_seconds:.0f}",
+                f"{reports['without']['wall']:.0f} / {reports['with']['wall']:.0f}"]
+        print(" | ".join(map(str, line)), flush=True)
+        table.append(line)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", required=True, help="a benchmarks.robust_study folder")
+    parser.add_argument("--mvtec", help="the MVTec subset (hazelnut, transistor)")
+    parser.add_argument("--datasets", help="comma-separated datasets (default: all)")
+    parser.add_argument("--rows", help="comma-separated rows of the study (default: all)")
+    parser.add_argument("--hard-train", type=int, default=20)
+    args = parser.parse_args(argv)
+    rows = measure(Path(args.work), Path(args.mvtec) if args.mvtec else None,
+                   args.datasets.split(",") if args.datasets else None,
+                   args.rows.split(",") if args.rows else None, args.hard_train)
+    print_table(f"--position-stats on the checkpoints of {args.work}",
+                ["dataset", "row", "seed", "epochs", "without: image / pixel AUROC / AU-PRO",
+                 "with", "per defect pixel AUROC without->with", "fit + calibrate s",
+                 "evaluation s without / with"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
