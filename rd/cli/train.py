@@ -75,7 +75,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "of the teacher's features to the map (large faint regions, misplaced "
                         "parts); the image score stays the paper's; default off")
     beyond.add_argument("--preset", choices=sorted(PRESETS),
-                        help="robust: the combination that won the study (explicit flags win)")
+                        help="fixtured: the combination that won the study on parts that lie "
+                        "in place (multiscale, augment auto, ema 1, position statistics); "
+                        "robust: the one that wins everywhere, none yet (explicit flags win)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-evaluate", action="store_true", help="skip the final test-set report")

@@ -220,3 +220,28 @@ def test_added_to_a_trained_checkpoint_equals_training_with_them(trained, tmp_pa
                  str(tmp_path / "twice.safetensors"), "--device", "cpu"]) != 0
     assert "already has position statistics" in capsys.readouterr().err
     assert not (tmp_path / "twice.safetensors").exists()
+
+
+def test_the_command_line_trains_the_fixtured_preset_and_predicts(tmp_path, capsys) -> None:
+    """--preset fixtured on a non-square category: multiscale views, augmentation, the weight
+    average and position statistics train, evaluate at native size and predict."""
+    import json
+
+    from rd.cli import main
+    from rd.data import generate_dataset
+
+    root = generate_dataset(tmp_path / "data", ["metal_strip"], n_train=3, n_test_good=1,
+                            n_per_defect=1)
+    out = tmp_path / "strip.safetensors"
+    assert main(["train", "--data", str(root), "--category", "metal_strip", "--out", str(out),
+                 "--epochs", "1", "--batch-size", "2", "--image-size", "64", "--device", "cpu",
+                 "--preset", "fixtured", "--tile-scale", "0.25", "--quiet"]) == 0
+    meta = read_metadata(out)
+    assert meta["recipe"]["position_stats"] is True and meta["geometry"]["mode"] == "multiscale"
+    assert meta["position_stats"]["weight"] > 0 and meta["metrics"]["pixel_auroc"] is not None
+    rows = tmp_path / "scores.jsonl"
+    test_image = next((root / "metal_strip" / "test").rglob("*.png"))
+    assert main(["predict", "--checkpoint", str(out), "--device", "cpu", "--jsonl", str(rows),
+                 str(test_image)]) == 0
+    (row,) = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert row["score"] > 0 and row.get("error") is None

@@ -45,3 +45,10 @@ def test_bad_values_are_refused() -> None:
         config_of("--augment", "sharpen")
     with pytest.raises(TrainingError, match="tile scale"):
         config_of("--resize", "tile", "--tile-scale", "0")
+
+
+def test_the_fixtured_preset_is_the_combination_that_won_on_parts_in_place() -> None:
+    config = config_of("--preset", "fixtured")
+    assert (config.resize, config.augment, config.ema, config.position_stats) == (
+        "multiscale", "auto", 1.0, True)
+    assert config_of("--preset", "fixtured", "--no-position-stats").position_stats is False
