@@ -294,10 +294,10 @@ def _load_position(model: ReverseDistillation, tensors: dict[str, torch.Tensor],
                    meta: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
     """Attach the position statistics a checkpoint carries (rd.position); returns the other
     tensors."""
+    if not meta.get("position_stats"):
+        return tensors  # stray position.* tensors are then refused by load_student
     position = {k[len("position."):]: v for k, v in tensors.items()
                 if k.startswith("position.")}
-    if not meta.get("position_stats"):
-        return tensors
     try:
         statistics = PositionStatistics.from_tensors(position)
         statistics.load_state_dict(position, strict=True)
