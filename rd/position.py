@@ -54,8 +54,7 @@ class PositionStatistics(nn.Module):
 
     def __init__(self, shapes: Iterable[tuple[int, int, int]]) -> None:
         super().__init__()
-        self.shapes = [tuple(shape) for shape in shapes]
-        for index, shape in enumerate(self.shapes):
+        for index, shape in enumerate(shapes):
             self.register_buffer(f"mean{index}", torch.zeros(shape))
             self.register_buffer(f"var{index}", torch.ones(shape))
         self.register_buffer("weight", torch.ones(()))

@@ -161,6 +161,18 @@ def test_export_refuses_statistics_with_tiles(trained, tmp_path) -> None:
         export_onnx(load(tiled, "cpu"), tmp_path / "tiled.onnx")
 
 
+def test_fine_tuning_from_a_checkpoint_with_statistics_leaves_them(trained, tmp_path) -> None:
+    """--init takes the student only: the statistics belong to the images they were fitted
+    on (loading them into a model without any failed the strict state-dict load)."""
+    category, out, _ = trained
+    tuned = tmp_path / "tuned.safetensors"
+    model = train(category.train_samples(), TrainConfig(image_size=SIZE, epochs=1,
+                                                        batch_size=4, device="cpu",
+                                                        init=str(out)),
+                  tuned, progress=False).model
+    assert model.position is None and "position_stats" not in read_metadata(tuned)
+
+
 def test_statistics_without_their_tensors_are_refused(trained, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -190,7 +202,8 @@ def test_the_statistics_module_rebuilds_from_its_tensors() -> None:
     statistics.mean1.fill_(2.0)
     again = PositionStatistics.from_tensors(statistics.state_dict())
     again.load_state_dict(statistics.state_dict())
-    assert again.shapes == [(4, 8, 8), (6, 4, 4)] and float(again.mean1[0, 0, 0]) == 2.0
+    assert (again.var0.shape, again.var1.shape) == ((4, 8, 8), (6, 4, 4))
+    assert float(again.mean1[0, 0, 0]) == 2.0
 
 
 def test_added_to_a_trained_checkpoint_equals_training_with_them(trained, tmp_path,
