@@ -305,8 +305,23 @@ def _load_position(model: ReverseDistillation, tensors: dict[str, torch.Tensor],
         first = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{path}: its position statistics are missing or damaged: "
                               f"{first}") from None
+    statistics.score_weight = _score_weight(meta["position_stats"], path)
     model.position = statistics.to(next(model.parameters()).device)
     return {k: v for k, v in tensors.items() if not k.startswith("position.")}
+
+
+def _score_weight(info: Any, path: Path) -> float | None:
+    """``score_weight`` of a checkpoint trained with --position-score (rd.position), else None
+    (the image score is RD's own, as before that option)."""
+    if not isinstance(info, Mapping) or not info.get("score"):
+        return None
+    weight = info.get("score_weight")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
+            math.isfinite(weight) and weight > 0):
+        raise CheckpointError(f"{path}: its position statistics count in the image score but "
+                              f"their score_weight is {weight!r}, not a positive number; fit "
+                              "them again (python -m rd add-position-stats)")
+    return float(weight)
 
 
 def load_student(model: ReverseDistillation, tensors: Mapping[str, torch.Tensor],

@@ -10,7 +10,8 @@ Graph inputs and outputs (S = the checkpoint's image size)::
     layer_maps  float32 (N, 3, S, S)  unsmoothed 1 - cos per teacher layer
     fused       float32 (N, S, S)     fused, Gaussian-smoothed anomaly map (plus the position
                                       statistics' map when trained with them: rd.position)
-    scores      float32 (N,)          image scores (max of RD's own smoothed map)
+    scores      float32 (N,)          image scores (max of RD's own smoothed map; with
+                                      --position-score the position statistics' if larger)
 
 The preprocessing (size, mean, std), backbone, fusion and stored thresholds travel in the ONNX
 file's metadata (``rd.*`` keys), so a consumer can preprocess and threshold without the
@@ -67,6 +68,8 @@ def onnx_metadata(detector: Detector) -> dict[str, str]:
         # takes one S×S input per image or tile, stitching and unpadding are the consumer's
         "rd.geometry": json.dumps(detector.geometry.to_dict()),
         "rd.position_stats": json.dumps(detector.model.position is not None),
+        "rd.position_score": json.dumps(detector.model.position is not None
+                                        and detector.model.position.score_weight is not None),
     }
 
 

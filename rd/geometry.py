@@ -270,21 +270,26 @@ def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Prepr
         layers = F.interpolate(layers[None], size=target, mode="bilinear", align_corners=False)[0]
         fused = F.interpolate(fused[None, None], size=target, mode="bilinear",
                               align_corners=False)[0, 0]
-    if getattr(model, "position", None) is not None:  # the score stays RD's own
-        fused = fused + _position_map(model, rgb, preprocess, device)
+    if getattr(model, "position", None) is not None:  # rd.position
+        position_map, position_score = _position_map(model, rgb, preprocess, device)
+        fused = fused + position_map
+        if position_score is not None:  # --position-score
+            score = max(score, position_score)
     return NativeMaps(layers, fused, score)
 
 
 @torch.no_grad()
 def _position_map(model: torch.nn.Module, rgb: Image.Image, preprocess: Preprocess,
-                  device: torch.device) -> torch.Tensor:
-    """The position statistics' map (rd.position) at the image's size: they model the squashed
-    S×S view of the whole image, whatever the geometry."""
+                  device: torch.device) -> tuple[torch.Tensor, float | None]:
+    """The position statistics' map (rd.position) at the image's size, and their image score
+    (None unless --position-score): they model the squashed S×S view of the whole image,
+    whatever the geometry."""
     size = preprocess.size
     features = model.teacher(preprocess(rgb).unsqueeze(0).to(device))
-    square = model.position(features, (size, size)).float()
-    return F.interpolate(square[:, None], size=(rgb.height, rgb.width), mode="bilinear",
-                         align_corners=False)[0, 0]
+    square, score = model.position(features, (size, size))
+    native = F.interpolate(square.float()[:, None], size=(rgb.height, rgb.width),
+                           mode="bilinear", align_corners=False)[0, 0]
+    return native, None if score is None else float(score[0])
 
 
 # ------------------------------------------------------------------------------ training

@@ -26,7 +26,7 @@ class Prediction:
 
     layer_maps: torch.Tensor  # (N, 3, H, W) unsmoothed 1 - cos per layer
     fused: torch.Tensor  # (N, H, W) fused and smoothed (+ position statistics: rd.position)
-    scores: torch.Tensor  # (N,) max of RD's smoothed fused map
+    scores: torch.Tensor  # (N,) max of RD's smoothed fused map (rd.position: or more)
 
 
 class ReverseDistillation(nn.Module):
@@ -76,9 +76,12 @@ class ReverseDistillation(nn.Module):
             features, rebuilt = self(images)
         maps = layer_maps(features, rebuilt, images.shape[-2:])
         smoothed = gaussian_blur(fuse(maps, fusion))
-        scores = image_scores(smoothed)  # RD's own, with or without position statistics
+        scores = image_scores(smoothed)  # RD's own, unless --position-score (rd.position)
         if self.position is not None:
-            smoothed = smoothed + self.position(features, tuple(images.shape[-2:]))
+            position_map, position_scores = self.position(features, tuple(images.shape[-2:]))
+            smoothed = smoothed + position_map
+            if position_scores is not None:
+                scores = torch.maximum(scores, position_scores)
         return Prediction(maps, smoothed, scores)
 
 

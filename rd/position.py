@@ -13,8 +13,17 @@ blurred like RD's map (σ = 4).
 training images of the squashed S×S view, before the student is trained, and adds
 ``weight × map`` to RD's smoothed map, ``weight`` being the ratio of the two maps' means over
 the normal training images (each map counts as much as the other on normal images; the sum
-stays in RD's units). The image score stays RD's own, since the statistics flag any image whose
-normal variation moves with position (hazelnut's rotations: image AUROC 1.0 -> 0.73).
+stays in RD's units). The image score stays RD's own unless ``--position-score`` is also
+given: the statistics flag any image whose normal variation moves with position (hazelnut's
+rotations: image AUROC 1.0 -> 0.73 with the sum's maximum).
+
+``--position-score`` scores an image by the larger of RD's score and the statistics map's
+maximum, each measured against the most surprising normal training image: RD's largest score
+over the calibration images, and the statistics' largest maximum with each image *left out* of
+the fit that scores it (in-sample z-scores run about a third low with 20 images; the left-out
+ones match new normal images). ``score_weight`` = RD's reference / the statistics' brings the
+second into RD's units. A large faint region then counts at the image level too (casting's
+uneven parts, docs/results.md round 11).
 
 The statistics are buffers of ``ReverseDistillation.position`` (checkpoint tensors
 ``position.*``), so ``predict``, the exported ONNX graph and ``predict_native`` all carry them.
@@ -58,6 +67,9 @@ class PositionStatistics(nn.Module):
             self.register_buffer(f"mean{index}", torch.zeros(shape))
             self.register_buffer(f"var{index}", torch.ones(shape))
         self.register_buffer("weight", torch.ones(()))
+        # --position-score: RD's units per unit of the statistics map's maximum (from the
+        # checkpoint's metadata); None: the image score is RD's own
+        self.score_weight: float | None = None
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> PositionStatistics:
@@ -65,19 +77,32 @@ class PositionStatistics(nn.Module):
         shapes = [tuple(tensors[f"mean{i}"].shape) for i in range(len(LAYERS))]
         return cls(shapes)
 
-    def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """(N, H, W): ``weight`` times the smoothed statistics map at ``size``."""
-        return self.weight * self.raw_map(features, size)
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``weight`` times the smoothed statistics map at ``size`` (N, H, W), and with
+        ``--position-score`` each image's score in RD's units (N,), else None."""
+        raw = self.raw_map(features, size)
+        score = (None if self.score_weight is None
+                 else self.score_weight * raw.flatten(1).amax(1))
+        return self.weight * raw, score
 
     def raw_map(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """(N, H, W): mean squared z-score over channels, layers averaged, blurred (σ 4)."""
-        total = None
-        for index, layer in enumerate(LAYERS):
-            mean, var = getattr(self, f"mean{index}"), getattr(self, f"var{index}")
-            distance = ((pooled(features[layer]) - mean) ** 2 / var).mean(1, keepdim=True)
-            upsampled = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
-            total = upsampled if total is None else total + upsampled
-        return gaussian_blur(total[:, 0] / len(LAYERS))
+        moments = [(getattr(self, f"mean{i}"), getattr(self, f"var{i}"))
+                   for i in range(len(LAYERS))]
+        return z_map([pooled(features[layer]) for layer in LAYERS], moments, size)
+
+
+def z_map(cells: list[torch.Tensor], moments: list[tuple[torch.Tensor, torch.Tensor]],
+          size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W): the pooled ``cells`` of each layer against its (mean, variance), mean squared
+    z-score over channels, upsampled to ``size``, layers averaged, blurred (σ 4)."""
+    total = None
+    for layer_cells, (mean, var) in zip(cells, moments, strict=True):
+        distance = ((layer_cells - mean) ** 2 / var).mean(1, keepdim=True)
+        upsampled = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
+        total = upsampled if total is None else total + upsampled
+    return gaussian_blur(total[:, 0] / len(cells))
 
 
 @torch.no_grad()
@@ -86,8 +111,8 @@ def fit_position_statistics(teacher: nn.Module,
                             device: torch.device | None = None
                             ) -> tuple[PositionStatistics, dict[str, Any]]:
     """Fit the statistics on the batches of preprocessed S×S normal images ``batches()``
-    yields (called twice: the moments, then the map's mean over the same images). Returns them
-    with what the checkpoint records."""
+    yields (called twice: the moments, then each image's map, with the fit and with the image
+    left out). Returns them with what the checkpoint records."""
     device = device or next(teacher.parameters()).device
     sums: list[torch.Tensor] = []
     squares: list[torch.Tensor] = []
@@ -105,17 +130,42 @@ def fit_position_statistics(teacher: nn.Module,
     if count < 2:
         raise ValueError("position statistics need at least two normal training images")
     statistics = PositionStatistics([tuple(s.shape) for s in sums]).to(device)
+    floors = []
     for index, (total, square) in enumerate(zip(sums, squares, strict=True)):
         mean = total / count
         var = ((square - count * mean ** 2) / (count - 1)).clamp_min(0)
-        var = var + VARIANCE_FLOOR * var.mean()
+        floors.append(VARIANCE_FLOOR * var.mean())
         getattr(statistics, f"mean{index}").copy_(mean.float())
-        getattr(statistics, f"var{index}").copy_(var.float())
-    raw_mean = sum(float(statistics.raw_map(teacher(batch.to(device)), (size, size)).sum())
-                   for batch in batches()) / (count * size * size)
+        getattr(statistics, f"var{index}").copy_((var + floors[-1]).float())
+    raw_sum, left_out_max = 0.0, None
+    for batch in batches():
+        features = teacher(batch.to(device))
+        raw_sum += float(statistics.raw_map(features, (size, size)).sum())
+        if count > 2:  # each image against the statistics of the others (n - 1 >= 2 images)
+            cells = [pooled(features[layer]).double() for layer in LAYERS]
+            maxima = z_map([c.float() for c in cells],
+                           _left_out_moments(cells, sums, squares, count, floors),
+                           (size, size)).flatten(1).amax(1)
+            left_out_max = max(left_out_max or 0.0, float(maxima.max()))
     return statistics, {"layers": [layer + 1 for layer in LAYERS],
                         "window": f"1/{WINDOW_SHARE} of the side", "images": count,
-                        "variance_floor": VARIANCE_FLOOR, "map_mean": raw_mean}
+                        "variance_floor": VARIANCE_FLOOR,
+                        "map_mean": raw_sum / (count * size * size),
+                        "left_out_max": left_out_max}
+
+
+def _left_out_moments(cells: list[torch.Tensor], sums: list[torch.Tensor],
+                      squares: list[torch.Tensor], count: int, floors: list[torch.Tensor]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image of the batch (cells: (B, C, H, W) per layer), the mean and floored variance
+    of the other ``count - 1`` images, from the fit's sums: exact, with no second fit."""
+    moments = []
+    for layer_cells, total, square, floor in zip(cells, sums, squares, floors, strict=True):
+        others = count - 1
+        mean = (total - layer_cells) / others
+        var = ((square - layer_cells ** 2 - others * mean ** 2) / (others - 1)).clamp_min(0)
+        moments.append((mean.float(), (var + floor).float()))
+    return moments
 
 
 def calibrate(statistics: PositionStatistics, rd_mean: float, map_mean: float) -> float:
@@ -123,3 +173,13 @@ def calibrate(statistics: PositionStatistics, rd_mean: float, map_mean: float) -
     weight = rd_mean / map_mean if map_mean > 0 else 0.0
     statistics.weight.fill_(weight)
     return weight
+
+
+def calibrate_score(statistics: PositionStatistics, rd_max: float, left_out_max: float
+                    ) -> float:
+    """Set ``score_weight`` (``--position-score``) so that the statistics' most surprising
+    left-out normal training image scores as RD's most surprising one; returns it."""
+    if not left_out_max > 0:
+        raise ValueError("--position-score needs at least three normal training images")
+    statistics.score_weight = rd_max / left_out_max
+    return statistics.score_weight

@@ -82,7 +82,7 @@ from rd.files import atomic_write, die_with_parent
 from rd.geometry import Geometry, masked_distillation_loss, predict_native, training_dataset
 from rd.losses import reverse_distillation_loss
 from rd.model import ReverseDistillation, build_model, resolve_device
-from rd.position import calibrate, fit_position_statistics
+from rd.position import calibrate, calibrate_score, fit_position_statistics
 
 CACHE_MODES = ("auto", "on", "off")
 # "auto" caches the teacher's features when they fit in this many bytes.
@@ -91,17 +91,18 @@ AUTO_CACHE_BYTES = 4 << 30
 STOPPED_EXIT = 75
 # TrainConfig fields beyond the paper's recipe (recorded in the recipe only when set)
 BEYOND_PAPER_OPTIONS = ("resize", "tile_scale", "teacher_adapt", "augment", "lr_schedule",
-                        "ema", "position_stats")
+                        "ema", "position_stats", "position_score")
 # constant: the paper; cosine: the rate falls from --lr toward 0 over the epochs, so that the
 # saved student does not land on one of the loss spikes of a constant 0.005 (docs/results.md)
 LR_SCHEDULES = ("constant", "cosine")
 # --preset NAME: named settings of those options, each what won the study of docs/results.md
 # ("Beyond the paper") where it applies. "robust" (every dataset) stays empty while nothing wins
 # everywhere; "fixtured" (parts that lie in place: metal_strip, casting, transistor) beat the
-# paper's recipe on each of them in every metric, or tied it at 1.000 (round 10).
+# paper's recipe on each of them in every metric, or tied it at 1.000 (rounds 10 and 11).
 PRESETS: dict[str, dict[str, Any]] = {
     "robust": {},
-    "fixtured": {"resize": "multiscale", "augment": "auto", "ema": 1.0, "position_stats": True},
+    "fixtured": {"resize": "multiscale", "augment": "auto", "ema": 1.0, "position_stats": True,
+                 "position_score": True},
 }
 # At most this many normal training images weigh the position statistics against RD's map at
 # each save (rd.position): a bounded cost, however many images train.
@@ -188,6 +189,9 @@ class TrainConfig:
     ema: float = 0.0
     # a per-position normal model of the teacher's features added to the map (rd.position)
     position_stats: bool = False
+    # ... and in the image score: the larger of RD's and theirs, each against the most
+    # surprising normal training image (needs position_stats)
+    position_score: bool = False
     # Speed only (issue 12; maps equal within float rounding): NHWC weights and inputs, and
     # torch.compile of the student's step. Recorded in the recipe when set.
     channels_last: bool = False
@@ -227,6 +231,8 @@ class TrainConfig:
              f"--cache-teacher must be one of {CACHE_MODES}, got {self.cache_teacher!r}"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.workers >= 0, "--workers must be 0 or more"),
+            (self.position_stats or not self.position_score,
+             "--position-score scores with the position statistics: add --position-stats"),
         ]
         check_image_size(self.image_size)
         for ok, message in checks:
@@ -276,7 +282,8 @@ class TrainConfig:
         for name in ("backbone", "device", "cache_teacher"):
             if not isinstance(getattr(config, name), str):
                 raise TrainingError(f"{name} must be a string, got {getattr(config, name)!r}")
-        for name in ("amp", "normalize", "channels_last", "compile", "position_stats"):
+        for name in ("amp", "normalize", "channels_last", "compile", "position_stats",
+                     "position_score"):
             if not isinstance(getattr(config, name), bool):
                 raise TrainingError(f"{name} must be true or false, got "
                                     f"{getattr(config, name)!r}")
@@ -541,7 +548,7 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         dataset = training_dataset(samples, preprocess, geometry, transforms)
     if config.position_stats:  # the teacher's, so after its adaptation; fitted once
         beyond["position_stats"] = _fit_position(model, samples, preprocess, config.batch_size,
-                                                 config.workers, device)
+                                                 config.workers, device, config.position_score)
     optimizer = torch.optim.Adam(
         [*model.bottleneck.parameters(), *model.decoder.parameters()],
         lr=config.lr, betas=config.betas)
@@ -695,24 +702,28 @@ def _init_from(model: ReverseDistillation, config: TrainConfig) -> None:
 
 
 def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
-                  preprocess: Preprocess, batch_size: int, workers: int, device: torch.device
-                  ) -> dict[str, Any]:
-    """Fit the position statistics (rd.position) on the squashed normal training images."""
+                  preprocess: Preprocess, batch_size: int, workers: int, device: torch.device,
+                  score: bool) -> dict[str, Any]:
+    """Fit the position statistics (rd.position) on the squashed normal training images;
+    ``score``: they count in the image score too (--position-score)."""
     loader = DataLoader(ImageDataset(samples, preprocess), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
     model.position, info = fit_position_statistics(
         model.teacher, lambda: (batch["image"] for batch in loader), preprocess.size, device)
-    return info
+    if score and info["left_out_max"] is None:
+        raise TrainingError("--position-score needs at least three normal training images "
+                            f"(the data has {info['images']})")
+    return {**info, "score": True} if score else info
 
 
 def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
-                            out: str | Path, device: str = "auto", batch_size: int = 16
-                            ) -> dict[str, Any]:
+                            out: str | Path, device: str = "auto", batch_size: int = 16,
+                            score: bool = False) -> dict[str, Any]:
     """Write ``checkpoint`` with position statistics fitted on its normal training images
-    ``samples`` to ``out``: the same checkpoint ``--position-stats`` training gives, since
-    they leave the student as it is, without training again. The stored evaluation is left
-    out (its pixel metrics no longer hold): evaluate the new checkpoint. Returns its
-    ``position_stats`` metadata."""
+    ``samples`` to ``out``: the same checkpoint ``--position-stats`` (and ``score``:
+    ``--position-score``) training gives, since they leave the student as it is, without
+    training again. The stored evaluation is left out (its metrics no longer hold): evaluate
+    the new checkpoint. Returns its ``position_stats`` metadata."""
     model, meta = load_checkpoint(checkpoint)
     if meta.get("position_stats"):
         raise TrainingError(f"{checkpoint} already has position statistics")
@@ -720,12 +731,13 @@ def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
     model.to(device).eval()
     preprocess = Preprocess.from_dict(meta.preprocess)
     fitted = {"position_stats": _fit_position(model, samples, preprocess, batch_size, 0,
-                                              device)}
+                                              device, score)}
     calibrated = _calibrate_position(model, samples, preprocess, Geometry.from_metadata(meta),
                                      fitted, batch_size, device)
     kept = {k: v for k, v in meta.to_dict().items()
             if k not in ("metrics", "normal_scores", "created_utc", "software")}
-    recipe = {**(meta.get("recipe") or {}), "position_stats": True}
+    recipe = {**(meta.get("recipe") or {}), "position_stats": True,
+              **({"position_score": True} if score else {})}
     save_checkpoint(model, out, {**kept, **calibrated, "recipe": recipe})
     return calibrated["position_stats"]
 
@@ -735,9 +747,10 @@ def _calibrate_position(model: ReverseDistillation, samples: Sequence[Sample],
                         preprocess: Preprocess, geometry: Geometry,
                         metadata: Mapping[str, Any], batch_size: int, device: torch.device
                         ) -> dict[str, Any]:
-    """Weigh the position statistics' map against the student's map as it is now (the mean of
-    RD's own map over up to POSITION_CALIBRATION_IMAGES normal training images, evenly spread);
-    returns the checkpoint's ``position_stats`` metadata ({} without them)."""
+    """Weigh the position statistics against the student as it is now, from RD's own maps
+    of up to POSITION_CALIBRATION_IMAGES normal training images, evenly spread: their mean
+    weighs the maps; with --position-score, their largest score weighs the scores. Returns the
+    checkpoint's ``position_stats`` metadata ({} without them)."""
     statistics = model.position
     if statistics is None:
         return {}
@@ -748,20 +761,30 @@ def _calibrate_position(model: ReverseDistillation, samples: Sequence[Sample],
     model.eval()
     model.position = None  # RD's own map
     try:
+        rd_sum, rd_max = 0.0, 0.0
         if geometry.is_paper:
             loader = DataLoader(ImageDataset(chosen, preprocess), batch_size=batch_size)
-            rd_mean = sum(float(model.predict(batch["image"].to(device)).fused.sum())
-                          for batch in loader) / (len(chosen) * preprocess.size ** 2)
+            for batch in loader:
+                prediction = model.predict(batch["image"].to(device))
+                rd_sum += float(prediction.fused.sum()) / preprocess.size ** 2
+                rd_max = max(rd_max, float(prediction.scores.max()))
         else:
-            rd_mean = sum(float(predict_native(model, s.path, preprocess, geometry, "sum",
-                                               batch_size, device).fused.mean())
-                          for s in chosen) / len(chosen)
+            for sample in chosen:
+                native = predict_native(model, sample.path, preprocess, geometry, "sum",
+                                        batch_size, device)
+                rd_sum += float(native.fused.mean())
+                rd_max = max(rd_max, native.score)
+        rd_mean = rd_sum / len(chosen)
     finally:
         model.position = statistics
         model.train(was_training)
-    weight = calibrate(statistics, rd_mean, info["map_mean"])
-    return {"position_stats": {**info, "rd_mean": rd_mean, "weight": weight,
-                               "calibration_images": len(chosen)}}
+    calibrated = {**info, "rd_mean": rd_mean, "weight": calibrate(statistics, rd_mean,
+                                                                  info["map_mean"]),
+                  "calibration_images": len(chosen)}
+    if info.get("score"):
+        calibrated.update(rd_score_max=rd_max, score_weight=calibrate_score(
+            statistics, rd_max, info["left_out_max"]))
+    return {"position_stats": calibrated}
 
 
 def _teacher_cache(model: ReverseDistillation, dataset: ImageDataset, config: TrainConfig,

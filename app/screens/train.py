@@ -115,13 +115,19 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
             help="Adds a per-position model of the normal images' teacher features to the "
             "heat map: large faint regions and misplaced parts the student rebuilds show up. "
             "Only for parts that always lie in the same place and pose (a fixture, a "
-            "conveyor); the image score stays the paper's.")
+            "conveyor); the image score stays the paper's unless the next box is ticked.")
+        position_score = st.checkbox(
+            "... and in the image score", key="train::position_score", disabled=not position,
+            help="Scores an image by the larger of the paper's score and the position "
+            "statistics', each measured against the most surprising normal training image: "
+            "a large faint region then makes the image defective, not only its heat map.")
     for option, value, default in (("resize", resize, "squash"),
                                    ("teacher_adapt", adapt, "none"),
                                    ("augment", augment, "none"),
                                    ("lr_schedule", schedule, "constant"),
                                    ("ema", float(ema), 0.0),
-                                   ("position_stats", position, False)):
+                                   ("position_stats", position, False),
+                                   ("position_score", position and position_score, False)):
         if value != default:
             chosen[option] = value
     return chosen

@@ -9,6 +9,7 @@ Review and Learn lay out the same block the same way.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,14 @@ from rd.decision import is_defective
 def score_note(metadata: Any) -> str:
     """What a model's score is, and what its heat map shows besides (a checkpoint's
     metadata: ``position_stats`` when trained with them, rd.position)."""
-    if not metadata.get("position_stats"):
+    info = metadata.get("position_stats")
+    if not info:
         return "Score = maximum of the smoothed fused map."
+    if isinstance(info, Mapping) and info.get("score"):
+        return ("Score = the larger of the paper's score (maximum of its smoothed fused map) "
+                "and this model's position statistics' (where the image differs from the "
+                "normal images at the same place), each measured against the most surprising "
+                "normal training image. The heat map adds both.")
     return ("Score = maximum of the paper's smoothed fused map. The heat map adds this "
             "model's position statistics (where the image differs from the normal images at "
             "the same place: faint large regions, misplaced parts), which the score leaves "

@@ -62,6 +62,8 @@ def add_position_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--position-score", action="store_true",
+                   help="count them in the image score too (what train --position-score gives)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.set_defaults(func=cmd_add_position)
 
@@ -70,9 +72,10 @@ def cmd_add_position(args: argparse.Namespace) -> int:
     check_outputs([args.out], [args.checkpoint], args.overwrite)
     data = open_data(args)
     info = add_position_statistics(args.checkpoint, data.train_samples(), args.out,
-                                   args.device)
+                                   args.device, score=args.position_score)
+    scored = f", score weight {info['score_weight']:.4g}" if info.get("score") else ""
     print(f"wrote {args.out}: position statistics of {info['images']} normal images, "
-          f"weight {info['weight']:.4g} (evaluate it for its metrics and thresholds)")
+          f"weight {info['weight']:.4g}{scored} (evaluate it for its metrics and thresholds)")
     return 0
 
 

@@ -74,9 +74,15 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="for parts that lie in place: add a per-position normal model "
                         "of the teacher's features to the map (large faint regions, misplaced "
                         "parts); the image score stays the paper's; default off")
+    beyond.add_argument("--position-score", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="with --position-stats: score an image by the larger of the "
+                        "paper's score and the position statistics', each against the most "
+                        "surprising normal training image; default off")
     beyond.add_argument("--preset", choices=sorted(PRESETS),
                         help="fixtured: the combination that won the study on parts that lie "
-                        "in place (multiscale, augment auto, ema 1, position statistics); "
+                        "in place (multiscale, augment auto, ema 1, position statistics in "
+                        "map and score); "
                         "robust: the one that wins everywhere, none yet (explicit flags win)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -112,6 +118,8 @@ def beyond_paper_options(args: argparse.Namespace) -> dict[str, object]:
             value = preset.get(name)
         if value is not None:
             options[name] = value
+    if options.get("position_stats") is False and getattr(args, "position_score", None) is None:
+        options.pop("position_score", None)  # --no-position-stats over a preset: neither
     return options
 
 

@@ -125,11 +125,14 @@ def test_options_beyond_the_paper_reach_the_job(studio, jobs_root, monkeypatch):
     at.selectbox(key="train::augment").set_value("auto")
     at.selectbox(key="train::lr_schedule").set_value("cosine")
     at.number_input(key="train::ema").set_value(1.5)
-    at.checkbox(key="train::position_stats").check()
+    assert at.checkbox(key="train::position_score").disabled  # only with the statistics
+    at.checkbox(key="train::position_stats").check().run()
+    assert not at.checkbox(key="train::position_score").disabled
+    at.checkbox(key="train::position_score").check()
     at.button(key="train::start").click().run()
     assert not at.exception, [e.value for e in at.exception]
     (job,) = jobs.list_jobs()
     config = job.config
     assert (config.augment, config.lr_schedule, config.ema) == ("auto", "cosine", 1.5)
-    assert config.position_stats is True
+    assert config.position_stats is True and config.position_score is True
     assert (config.resize, config.teacher_adapt) == ("squash", "none")  # the paper's

@@ -1,6 +1,7 @@
-"""Position statistics (rd.position): exact moments, a map that finds a region normal images
-never show there, and a trained option that travels through the checkpoint, predict, the
-native maps and the ONNX export while the image score stays RD's own."""
+"""Position statistics (rd.position): exact moments (left-out ones too), a map that finds a
+region normal images never show there, and a trained option that travels through the
+checkpoint, predict, the native maps and the ONNX export while the image score stays RD's own,
+or with --position-score takes the larger of RD's and theirs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from rd.checkpoints import CheckpointError, load_checkpoint, read_metadata, upda
 from rd.data import HALF, MVTecCategory, Preprocess
 from rd.detector import load
 from rd.geometry import Geometry, predict_native
-from rd.position import PositionStatistics, fit_position_statistics, pooled
+from rd.position import (
+    LAYERS,
+    PositionStatistics,
+    _left_out_moments,
+    fit_position_statistics,
+    pooled,
+    z_map,
+)
 from rd.teacher import build_teacher
 from rd.training import TrainConfig, train
 
@@ -71,6 +79,31 @@ def test_a_region_never_seen_there_stands_out(teacher) -> None:
     assert float(maps[1][region].mean()) > 2 * float(maps[1][~region].mean())
 
 
+def test_left_out_moments_equal_a_fit_without_the_image(teacher) -> None:
+    """--position-score's reference: each image against the statistics of the others, from
+    the full fit's sums, equals fitting again without it."""
+    images = _grey_parts(7, seed=3)
+    statistics, info = fit_position_statistics(teacher, _batches(images), SIZE)
+    features = teacher(torch.cat(list(_batches(images)())))
+    cells = [pooled(features[layer]).double() for layer in LAYERS]
+    sums = [c.sum(0) for c in cells]
+    squares = [(c ** 2).sum(0) for c in cells]
+    floors = [1e-3 * c.var(0).mean() for c in cells]
+    left_out = z_map([c.float() for c in cells],
+                     _left_out_moments(cells, sums, squares, len(images), floors), (SIZE, SIZE))
+    maxima = []
+    for index in range(len(images)):
+        others = images[:index] + images[index + 1:]
+        refit, _ = fit_position_statistics(teacher, _batches(others), SIZE)
+        alone = refit.raw_map([f[index:index + 1] for f in features], (SIZE, SIZE))[0]
+        # the floor differs: a fraction of the full fit's variance, not the refit's
+        assert torch.allclose(left_out[index], alone, rtol=0.05)
+        maxima.append(float(left_out[index].max()))
+    assert info["left_out_max"] == pytest.approx(max(maxima), rel=1e-5)
+    # in-sample z-scores run low: the left-out ones are what new normal images show
+    assert info["left_out_max"] > float(statistics.raw_map(features, (SIZE, SIZE)).max())
+
+
 def test_fitting_needs_two_images(teacher) -> None:
     with pytest.raises(ValueError, match="two normal"):
         fit_position_statistics(teacher, _batches(_grey_parts(1, seed=0)), SIZE)
@@ -99,7 +132,8 @@ def test_the_checkpoint_carries_the_statistics_and_their_weight(trained) -> None
     # the weight gives both maps the same mean over the normal training images
     batch = torch.stack([checkpoint_pre(s.path) for s in category.train_samples()])
     features = model.teacher(batch)
-    added = model.position(features, (SIZE, SIZE))
+    added, score = model.position(features, (SIZE, SIZE))
+    assert score is None  # without --position-score the image score is RD's
     assert float(added.mean()) == pytest.approx(info["rd_mean"], rel=1e-4)
 
 
@@ -112,7 +146,7 @@ def test_predict_adds_the_map_and_keeps_rd_score(trained) -> None:
     rd_only = detector.predict_tensor(detector.to_batch(paths))
     detector.model.position = statistics
     features = detector.model.teacher(detector.to_batch(paths))
-    expected = rd_only.fused + statistics(features, (SIZE, SIZE))
+    expected = rd_only.fused + statistics(features, (SIZE, SIZE))[0]
     assert torch.allclose(with_stats.fused, expected, atol=1e-6)
     assert torch.equal(with_stats.scores, rd_only.scores)
     assert torch.equal(with_stats.layer_maps, rd_only.layer_maps)
@@ -142,7 +176,7 @@ def test_native_geometries_add_the_whole_image_map(trained, tmp_path) -> None:
     statistics, model.position = model.position, None
     rd_only = predict_native(model, wide, checkpoint_pre, geometry)
     features = model.teacher(checkpoint_pre(wide).unsqueeze(0))
-    square = statistics(features, (SIZE, SIZE))
+    square = statistics(features, (SIZE, SIZE))[0]
     expected = torch.nn.functional.interpolate(square[:, None], size=(64, 160),
                                                mode="bilinear", align_corners=False)[0, 0]
     assert with_stats.fused.shape == (64, 160)
@@ -258,3 +292,94 @@ def test_the_command_line_trains_the_fixtured_preset_and_predicts(tmp_path, caps
                  str(test_image)]) == 0
     (row,) = [json.loads(line) for line in rows.read_text().splitlines()]
     assert row["score"] > 0 and row.get("error") is None
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_mvtec, tmp_path_factory):
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    out = tmp_path_factory.mktemp("position_score") / "scored.safetensors"
+    config = TrainConfig(image_size=SIZE, epochs=1, batch_size=4, device="cpu",
+                         position_stats=True, position_score=True)
+    train(category.train_samples(), config, out, progress=False)
+    return category, out
+
+
+def test_position_score_takes_the_larger_score_in_rd_units(scored) -> None:
+    category, out = scored
+    info = read_metadata(out)["position_stats"]
+    assert info["score"] is True and read_metadata(out)["recipe"]["position_score"] is True
+    assert info["score_weight"] == pytest.approx(info["rd_score_max"] / info["left_out_max"])
+    detector = load(out, "cpu")
+    assert detector.model.position.score_weight == pytest.approx(info["score_weight"])
+    paths = [s.path for s in category.test_samples()]
+    batch = detector.to_batch(paths)
+    both = detector.predict_tensor(batch)
+    statistics, detector.model.position = detector.model.position, None
+    rd_only = detector.predict_tensor(batch)
+    detector.model.position = statistics
+    raw = statistics.raw_map(detector.model.teacher(batch), (SIZE, SIZE)).flatten(1).amax(1)
+    expected = torch.maximum(rd_only.scores, info["score_weight"] * raw)
+    assert torch.allclose(both.scores, expected, atol=1e-6)
+    assert bool((both.scores >= rd_only.scores).all())
+    assert torch.allclose(both.fused, rd_only.fused + statistics(
+        detector.model.teacher(batch), (SIZE, SIZE))[0], atol=1e-6)
+    for index, path in enumerate(paths[:2]):  # the native path scores the same way
+        assert detector.predict_native(path).score == pytest.approx(float(both.scores[index]),
+                                                                    abs=1e-5)
+
+
+def test_the_onnx_graph_carries_the_position_score(scored, tmp_path) -> None:
+    from rd.export import TOLERANCE, export_onnx, verify_onnx
+
+    category, out = scored
+    detector = load(out, "cpu")
+    path = export_onnx(detector, tmp_path / "scored.onnx")
+    batch = detector.to_batch([s.path for s in category.test_samples()[:3]])
+    assert max(verify_onnx(path, detector, batch).values()) <= TOLERANCE
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["rd.position_score"] == "true"
+
+
+def test_a_damaged_score_weight_is_refused(scored, tmp_path) -> None:
+    _, out = scored
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(out.read_bytes())
+    info = dict(read_metadata(out)["position_stats"], score_weight=-1.0)
+    update_metadata(broken, {"position_stats": info})
+    with pytest.raises(CheckpointError, match="score_weight"):
+        load_checkpoint(broken)
+
+
+def test_position_score_needs_the_statistics_and_three_images(tiny_mvtec, tmp_path) -> None:
+    from rd.training import TrainingError
+
+    with pytest.raises(TrainingError, match="add --position-stats"):
+        TrainConfig(position_score=True).validate()
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    config = TrainConfig(image_size=SIZE, epochs=1, batch_size=2, device="cpu",
+                         position_stats=True, position_score=True)
+    with pytest.raises(TrainingError, match="three normal training images"):
+        train(category.train_samples()[:2], config, tmp_path / "two.safetensors",
+              progress=False)
+
+
+def test_added_score_equals_training_with_it(scored, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from rd.cli import main
+
+    category, out = scored
+    paper = tmp_path / "paper.safetensors"
+    train(category.train_samples(), TrainConfig(image_size=SIZE, epochs=1, batch_size=4,
+                                                device="cpu"), paper, progress=False)
+    added = tmp_path / "added.safetensors"
+    assert main(["add-position-stats", "--checkpoint", str(paper), "--data",
+                 str(category.root), "--category", category.category, "--out", str(added),
+                 "--position-score", "--device", "cpu"]) == 0
+    expected, got = load_file(str(out)), load_file(str(added))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    info, again = read_metadata(out)["position_stats"], read_metadata(added)["position_stats"]
+    assert again == pytest.approx(info, rel=1e-6)
+    assert read_metadata(added)["recipe"] == read_metadata(out)["recipe"]

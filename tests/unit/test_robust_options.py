@@ -49,6 +49,15 @@ def test_bad_values_are_refused() -> None:
 
 def test_the_fixtured_preset_is_the_combination_that_won_on_parts_in_place() -> None:
     config = config_of("--preset", "fixtured")
-    assert (config.resize, config.augment, config.ema, config.position_stats) == (
-        "multiscale", "auto", 1.0, True)
-    assert config_of("--preset", "fixtured", "--no-position-stats").position_stats is False
+    assert (config.resize, config.augment, config.ema, config.position_stats,
+            config.position_score) == ("multiscale", "auto", 1.0, True, True)
+    without = config_of("--preset", "fixtured", "--no-position-stats")  # neither, then
+    assert (without.position_stats, without.position_score) == (False, False)
+    assert config_of("--preset", "fixtured", "--no-position-score").position_score is False
+
+
+def test_position_score_needs_position_stats() -> None:
+    assert config_of("--position-stats", "--position-score").recipe()["position_score"] is True
+    assert "position_score" not in config_of("--position-stats").recipe()
+    with pytest.raises(TrainingError, match="add --position-stats"):
+        config_of("--position-score")

@@ -79,3 +79,6 @@ def test_the_score_note_says_when_the_heat_map_adds_position_statistics() -> Non
     position = score_note({"position_stats": {"weight": 1.0}})
     assert "position statistics" not in paper
     assert "position statistics" in position and "score leaves out" in position
+    scored = score_note({"position_stats": {"weight": 1.0, "score": True,
+                                            "score_weight": 0.3}})
+    assert "larger of the paper's score" in scored and "leaves out" not in scored
