@@ -2,10 +2,11 @@
 
 The statistics leave the student as it is (``tests/unit/test_position.py`` checks that fitting
 them onto a checkpoint gives the tensors of training with the flag), so every run of a
-``benchmarks.robust_study`` folder is measured twice without training again: as it was, and
-with position statistics fitted on its normal training images
-(``rd.training.add_position_statistics``). Both are evaluated here, in the same run, as the
-study evaluates (pixel metrics at the native size of the non-square categories).
+``benchmarks.robust_study`` folder is measured three times without training again: as it
+was, with position statistics fitted on its normal training images
+(``rd.training.add_position_statistics``), and with them in the image score too
+(``--position-score``). All are evaluated here, in the same run, as the study evaluates (pixel
+metrics at the native size of the non-square categories).
 
     OMP_NUM_THREADS=2 python -m benchmarks.position_study --work /tmp/robust_r9 \\
         --mvtec ../shared/data/mvtec_subset --datasets casting,metal_strip
@@ -54,8 +55,12 @@ def measure(work: Path, mvtec: Path | None, datasets: list[str] | None,
         if not added.exists():
             add_position_statistics(checkpoint, category.train_samples(), added, "cpu")
         fit_seconds = time.perf_counter() - started
+        scored = out / f"{name}.score.safetensors"
+        if not scored.exists():
+            add_position_statistics(checkpoint, category.train_samples(), scored, "cpu",
+                                    score=True)
         reports = {}
-        for label, path in (("without", checkpoint), ("with", added)):
+        for label, path in (("without", checkpoint), ("with", added), ("score", scored)):
             started = time.perf_counter()
             reports[label] = evaluate(load(path, "cpu"), category.test_samples(),
                                       eval_size=EVAL_SIZE[dataset])
@@ -64,8 +69,13 @@ def measure(work: Path, mvtec: Path | None, datasets: list[str] | None,
             f"{kind} {reports['without']['per_defect'][kind]['pixel_auroc']:.3f}"
             f"->{values['pixel_auroc']:.3f}"
             for kind, values in reports["with"]["per_defect"].items())
+        image = ", ".join(
+            f"{kind} {reports['without']['per_defect'][kind]['image_auroc']:.2f}"
+            f"->{values['image_auroc']:.2f}"
+            for kind, values in reports["score"]["per_defect"].items())
         line = [dataset, row, record["seed"], record["epochs"], _metrics(reports["without"]),
-                _metrics(reports["with"]), defects, f"{fit_seconds:.0f}",
+                _metrics(reports["with"]), defects,
+                f"{reports['score']['image_auroc']:.3f}", image, f"{fit_seconds:.0f}",
                 f"{reports['without']['wall']:.0f} / {reports['with']['wall']:.0f}"]
         print(" | ".join(map(str, line)), flush=True)
         table.append(line)
@@ -85,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                    args.rows.split(",") if args.rows else None, args.hard_train)
     print_table(f"--position-stats on the checkpoints of {args.work}",
                 ["dataset", "row", "seed", "epochs", "without: image / pixel AUROC / AU-PRO",
-                 "with", "per defect pixel AUROC without->with", "fit + calibrate s",
+                 "with", "per defect pixel AUROC without->with",
+                 "image AUROC with --position-score", "per defect image AUROC without->score",
+                 "fit + calibrate s",
                  "evaluation s without / with"], rows)
     return 0
 

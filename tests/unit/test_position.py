@@ -286,6 +286,7 @@ def test_the_command_line_trains_the_fixtured_preset_and_predicts(tmp_path, caps
     meta = read_metadata(out)
     assert meta["recipe"]["position_stats"] is True and meta["geometry"]["mode"] == "multiscale"
     assert meta["position_stats"]["weight"] > 0 and meta["metrics"]["pixel_auroc"] is not None
+    assert meta["position_stats"]["score"] is True and meta["position_stats"]["score_weight"] > 0
     rows = tmp_path / "scores.jsonl"
     test_image = next((root / "metal_strip" / "test").rglob("*.png"))
     assert main(["predict", "--checkpoint", str(out), "--device", "cpu", "--jsonl", str(rows),
