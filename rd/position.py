@@ -20,7 +20,7 @@ rotations: image AUROC 1.0 -> 0.73 with the sum's maximum).
 ``--position-score`` scores an image by the larger of RD's score and the statistics map's
 maximum, each measured against the most surprising normal training image: RD's largest score
 over the calibration images, and the statistics' largest maximum with each image *left out* of
-the fit that scores it (in-sample z-scores run about a third low with 20 images; the left-out
+the fit that scores it (with 20 images the in-sample maxima run about 30 % low; the left-out
 ones match new normal images). ``score_weight`` = RD's reference / the statistics' brings the
 second into RD's units. A large faint region then counts at the image level too (casting's
 uneven parts, docs/results.md round 11).

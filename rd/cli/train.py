@@ -73,7 +73,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         default=None,
                         help="for parts that lie in place: add a per-position normal model "
                         "of the teacher's features to the map (large faint regions, misplaced "
-                        "parts); the image score stays the paper's; default off")
+                        "parts); the image score stays the paper's unless --position-score; "
+                        "default off")
     beyond.add_argument("--position-score", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="with --position-stats: score an image by the larger of the "
