@@ -240,28 +240,43 @@ def test_the_statistics_module_rebuilds_from_its_tensors() -> None:
     assert float(again.mean1[0, 0, 0]) == 2.0
 
 
-def test_added_to_a_trained_checkpoint_equals_training_with_them(trained, tmp_path,
-                                                                capsys) -> None:
-    """The statistics leave the student as it is: fitting them onto the paper's checkpoint
-    gives the tensors and weight of training with --position-stats."""
+@pytest.fixture(scope="module")
+def paper(tiny_mvtec, tmp_path_factory):
+    """The paper's checkpoint of the same data and seed as ``trained`` and ``scored``."""
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    out = tmp_path_factory.mktemp("paper") / "paper.safetensors"
+    train(category.train_samples(), TrainConfig(image_size=SIZE, epochs=1, batch_size=4,
+                                                device="cpu"), out, progress=False)
+    return out
+
+
+def _assert_added_equals_trained(paper, trained_out, category, added, *flags: str) -> None:
+    """``add-position-stats FLAGS`` onto ``paper`` writes the tensors, statistics and recipe
+    of training with the same flags (``trained_out``)."""
     from safetensors.torch import load_file
 
     from rd.cli import main
 
-    category, out, _ = trained
-    paper = tmp_path / "paper.safetensors"
-    train(category.train_samples(), TrainConfig(image_size=SIZE, epochs=1, batch_size=4,
-                                                device="cpu"), paper, progress=False)
-    added = tmp_path / "added.safetensors"
     assert main(["add-position-stats", "--checkpoint", str(paper), "--data",
                  str(category.root), "--category", category.category, "--out", str(added),
-                 "--device", "cpu"]) == 0
-    expected, got = load_file(str(out)), load_file(str(added))
+                 *flags, "--device", "cpu"]) == 0
+    expected, got = load_file(str(trained_out)), load_file(str(added))
     assert sorted(expected) == sorted(got)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    info, again = read_metadata(out)["position_stats"], read_metadata(added)["position_stats"]
-    assert again == pytest.approx(info, rel=1e-6)  # sums in other batch sizes
-    assert read_metadata(added)["recipe"] == read_metadata(out)["recipe"]
+    info = read_metadata(trained_out)["position_stats"]
+    assert read_metadata(added)["position_stats"] == pytest.approx(info, rel=1e-6)  # batch sums
+    assert read_metadata(added)["recipe"] == read_metadata(trained_out)["recipe"]
+
+
+def test_added_to_a_trained_checkpoint_equals_training_with_them(trained, paper, tmp_path,
+                                                                capsys) -> None:
+    """The statistics leave the student as it is: fitting them onto the paper's checkpoint
+    gives the tensors and weight of training with --position-stats."""
+    from rd.cli import main
+
+    category, out, _ = trained
+    added = tmp_path / "added.safetensors"
+    _assert_added_equals_trained(paper, out, category, added)
     assert main(["add-position-stats", "--checkpoint", str(added), "--data",
                  str(category.root), "--category", category.category, "--out",
                  str(tmp_path / "twice.safetensors"), "--device", "cpu"]) != 0
@@ -366,21 +381,7 @@ def test_position_score_needs_the_statistics_and_three_images(tiny_mvtec, tmp_pa
               progress=False)
 
 
-def test_added_score_equals_training_with_it(scored, tmp_path) -> None:
-    from safetensors.torch import load_file
-
-    from rd.cli import main
-
+def test_added_score_equals_training_with_it(scored, paper, tmp_path) -> None:
     category, out = scored
-    paper = tmp_path / "paper.safetensors"
-    train(category.train_samples(), TrainConfig(image_size=SIZE, epochs=1, batch_size=4,
-                                                device="cpu"), paper, progress=False)
-    added = tmp_path / "added.safetensors"
-    assert main(["add-position-stats", "--checkpoint", str(paper), "--data",
-                 str(category.root), "--category", category.category, "--out", str(added),
-                 "--position-score", "--device", "cpu"]) == 0
-    expected, got = load_file(str(out)), load_file(str(added))
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-    info, again = read_metadata(out)["position_stats"], read_metadata(added)["position_stats"]
-    assert again == pytest.approx(info, rel=1e-6)
-    assert read_metadata(added)["recipe"] == read_metadata(out)["recipe"]
+    _assert_added_equals_trained(paper, out, category, tmp_path / "added.safetensors",
+                                 "--position-score")
