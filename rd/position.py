@@ -88,9 +88,12 @@ class PositionStatistics(nn.Module):
 
     def raw_map(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """(N, H, W): mean squared z-score over channels, layers averaged, blurred (σ 4)."""
-        moments = [(getattr(self, f"mean{i}"), getattr(self, f"var{i}"))
-                   for i in range(len(LAYERS))]
-        return z_map([pooled(features[layer]) for layer in LAYERS], moments, size)
+        return z_map([pooled(features[layer]) for layer in LAYERS], self.moments(), size)
+
+    def moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, variance) of each modelled layer."""
+        return [(getattr(self, f"mean{i}"), getattr(self, f"var{i}"))
+                for i in range(len(LAYERS))]
 
 
 def z_map(cells: list[torch.Tensor], moments: list[tuple[torch.Tensor, torch.Tensor]],
@@ -140,12 +143,12 @@ def fit_position_statistics(teacher: nn.Module,
     raw_sum, left_out_max = 0.0, None
     for batch in batches():
         features = teacher(batch.to(device))
-        raw_sum += float(statistics.raw_map(features, (size, size)).sum())
+        cells = [pooled(features[layer]) for layer in LAYERS]
+        raw_sum += float(z_map(cells, statistics.moments(), (size, size)).sum())
         if count > 2:  # each image against the statistics of the others (n - 1 >= 2 images)
-            cells = [pooled(features[layer]).double() for layer in LAYERS]
-            maxima = z_map([c.float() for c in cells],
-                           _left_out_moments(cells, sums, squares, count, floors),
-                           (size, size)).flatten(1).amax(1)
+            left_out = _left_out_moments([c.double() for c in cells], sums, squares, count,
+                                         floors)
+            maxima = z_map(cells, left_out, (size, size)).flatten(1).amax(1)
             left_out_max = max(left_out_max or 0.0, float(maxima.max()))
     return statistics, {"layers": [layer + 1 for layer in LAYERS],
                         "window": f"1/{WINDOW_SHARE} of the side", "images": count,
