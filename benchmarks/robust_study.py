@@ -60,6 +60,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "multiscale + augment auto + ema": {"resize": "multiscale", "augment": "auto", "ema": 1.0},
     "multiscale + augment auto + ema 0.5": {"resize": "multiscale", "augment": "auto",
                                             "ema": 0.5},
+    # round 12: the combination at the paper's geometry (parts that move)
+    "augment auto + ema": {"augment": "auto", "ema": 1.0},
     "preset robust": {"preset": "robust"},
 }
 TILE_SCALE = {"hazelnut": 0.5, "transistor": 0.5}

@@ -43,6 +43,10 @@ from rd.maps import gaussian_blur
 LAYERS = (0, 1)  # teacher layers modelled (strides 4 and 8): where features still localise
 WINDOW_SHARE = 4  # the pooling window is 1/WINDOW_SHARE of the layer's side
 VARIANCE_FLOOR = 1e-3  # added to each variance, times the layer's mean variance
+# --position-stats auto keeps the statistics when the left-out maxima of the normal training
+# images spread by at most this coefficient of variation (docs/results.md, round 12: 0.15-0.19
+# on the parts that lie in place, 0.29-0.78 where parts move or the view is a texture)
+IN_PLACE_MAX_SPREAD = 0.25
 
 
 def window(side: int) -> int:
@@ -140,7 +144,7 @@ def fit_position_statistics(teacher: nn.Module,
         floors.append(VARIANCE_FLOOR * var.mean())
         getattr(statistics, f"mean{index}").copy_(mean.float())
         getattr(statistics, f"var{index}").copy_((var + floors[-1]).float())
-    raw_sum, left_out_max = 0.0, None
+    raw_sum, left_out_maxima = 0.0, []
     for batch in batches():
         features = teacher(batch.to(device))
         cells = [pooled(features[layer]) for layer in LAYERS]
@@ -148,13 +152,35 @@ def fit_position_statistics(teacher: nn.Module,
         if count > 2:  # each image against the statistics of the others (n - 1 >= 2 images)
             left_out = _left_out_moments([c.double() for c in cells], sums, squares, count,
                                          floors)
-            maxima = z_map(cells, left_out, (size, size)).flatten(1).amax(1)
-            left_out_max = max(left_out_max or 0.0, float(maxima.max()))
+            left_out_maxima += z_map(cells, left_out, (size, size)).flatten(1).amax(1).tolist()
+    maxima = torch.tensor(left_out_maxima, dtype=torch.float64)
     return statistics, {"layers": [layer + 1 for layer in LAYERS],
                         "window": f"1/{WINDOW_SHARE} of the side", "images": count,
                         "variance_floor": VARIANCE_FLOOR,
                         "map_mean": raw_sum / (count * size * size),
-                        "left_out_max": left_out_max}
+                        "left_out_max": float(maxima.max()) if len(maxima) else None,
+                        "left_out_spread": (float(maxima.std(correction=0) / maxima.mean())
+                                            if len(maxima) else None)}
+
+
+def in_place_decision(info: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether the fit ``info`` describes parts that lie in place, and why (--position-stats
+    auto): the checkpoint's ``position_auto`` metadata. Where parts move, or the view is a
+    texture, each normal image's maximum against the others swings with how far its pose or
+    pattern happens to fall from theirs: a wide spread of the left-out maxima says that the
+    per-position model mistakes normal variation for defects (docs/results.md, round 12)."""
+    spread = info.get("left_out_spread")
+    if spread is None:
+        return {"kept": False, "left_out_spread": None, "max_spread": IN_PLACE_MAX_SPREAD,
+                "why": "position statistics left out: judging whether the parts lie in place "
+                       f"needs at least three normal training images (the data has "
+                       f"{info.get('images')})"}
+    kept = spread <= IN_PLACE_MAX_SPREAD
+    return {"kept": kept, "left_out_spread": spread, "max_spread": IN_PLACE_MAX_SPREAD,
+            "why": f"position statistics {'kept' if kept else 'left out'}: the normal "
+                   f"training images' left-out maxima spread by {spread:.2f} (coefficient of "
+                   f"variation; {'<=' if kept else '>'} {IN_PLACE_MAX_SPREAD} for parts that "
+                   "lie in place)"}
 
 
 def _left_out_moments(cells: list[torch.Tensor], sums: list[torch.Tensor],

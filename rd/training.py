@@ -82,7 +82,7 @@ from rd.files import atomic_write, die_with_parent
 from rd.geometry import Geometry, masked_distillation_loss, predict_native, training_dataset
 from rd.losses import reverse_distillation_loss
 from rd.model import ReverseDistillation, build_model, resolve_device
-from rd.position import calibrate, calibrate_score, fit_position_statistics
+from rd.position import calibrate, calibrate_score, fit_position_statistics, in_place_decision
 
 CACHE_MODES = ("auto", "on", "off")
 # "auto" caches the teacher's features when they fit in this many bytes.
@@ -187,8 +187,9 @@ class TrainConfig:
     # half-life in epochs of the moving average of the student's weights saved; 0 = the last
     # weights (the paper)
     ema: float = 0.0
-    # a per-position normal model of the teacher's features added to the map (rd.position)
-    position_stats: bool = False
+    # a per-position normal model of the teacher's features added to the map (rd.position);
+    # "auto": kept only where the normal images say the parts lie in place
+    position_stats: bool | str = False
     # ... and in the image score: the larger of RD's and theirs, each against the most
     # surprising normal training image (needs position_stats)
     position_score: bool = False
@@ -231,6 +232,8 @@ class TrainConfig:
              f"--cache-teacher must be one of {CACHE_MODES}, got {self.cache_teacher!r}"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.workers >= 0, "--workers must be 0 or more"),
+            (isinstance(self.position_stats, bool) or self.position_stats == "auto",
+             f"--position-stats is on, off or auto, got {self.position_stats!r}"),
             (self.position_stats or not self.position_score,
              "--position-score scores with the position statistics: add --position-stats"),
         ]
@@ -282,8 +285,7 @@ class TrainConfig:
         for name in ("backbone", "device", "cache_teacher"):
             if not isinstance(getattr(config, name), str):
                 raise TrainingError(f"{name} must be a string, got {getattr(config, name)!r}")
-        for name in ("amp", "normalize", "channels_last", "compile", "position_stats",
-                     "position_score"):
+        for name in ("amp", "normalize", "channels_last", "compile", "position_score"):
             if not isinstance(getattr(config, name), bool):
                 raise TrainingError(f"{name} must be true or false, got "
                                     f"{getattr(config, name)!r}")
@@ -547,8 +549,11 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
             log=(lambda line: print(line, file=sys.stderr)) if place.main else None)
         dataset = training_dataset(samples, preprocess, geometry, transforms)
     if config.position_stats:  # the teacher's, so after its adaptation; fitted once
-        beyond["position_stats"] = _fit_position(model, samples, preprocess, config.batch_size,
-                                                 config.workers, device, config.position_score)
+        beyond.update(_fit_position(model, samples, preprocess, config.batch_size,
+                                    config.workers, device, config.position_score,
+                                    auto=config.position_stats == "auto"))
+        if "position_auto" in beyond and place.main:
+            print(beyond["position_auto"]["why"], file=sys.stderr)
     optimizer = torch.optim.Adam(
         [*model.bottleneck.parameters(), *model.decoder.parameters()],
         lr=config.lr, betas=config.betas)
@@ -703,17 +708,25 @@ def _init_from(model: ReverseDistillation, config: TrainConfig) -> None:
 
 def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
                   preprocess: Preprocess, batch_size: int, workers: int, device: torch.device,
-                  score: bool) -> dict[str, Any]:
+                  score: bool, auto: bool = False) -> dict[str, Any]:
     """Fit the position statistics (rd.position) on the squashed normal training images;
-    ``score``: they count in the image score too (--position-score)."""
+    ``score``: they count in the image score too (--position-score); ``auto``: kept only if
+    the parts lie in place (``rd.position.lies_in_place``). Returns the checkpoint metadata:
+    ``position_stats`` when kept, and with ``auto`` the decision as ``position_auto``."""
     loader = DataLoader(ImageDataset(samples, preprocess), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
     model.position, info = fit_position_statistics(
         model.teacher, lambda: (batch["image"] for batch in loader), preprocess.size, device)
-    if score and info["left_out_max"] is None:
+    decision = {}
+    if auto:
+        decision = {"position_auto": in_place_decision(info)}
+        if not decision["position_auto"]["kept"]:
+            model.position = None
+            return decision
+    elif score and info["left_out_max"] is None:
         raise TrainingError("--position-score needs at least three normal training images "
                             f"(the data has {info['images']})")
-    return {**info, "score": True} if score else info
+    return {"position_stats": {**info, "score": True} if score else info, **decision}
 
 
 def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
@@ -730,8 +743,7 @@ def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
     device = resolve_device(device)
     model.to(device).eval()
     preprocess = Preprocess.from_dict(meta.preprocess)
-    fitted = {"position_stats": _fit_position(model, samples, preprocess, batch_size, 0,
-                                              device, score)}
+    fitted = _fit_position(model, samples, preprocess, batch_size, 0, device, score)
     calibrated = _calibrate_position(model, samples, preprocess, Geometry.from_metadata(meta),
                                      fitted, batch_size, device)
     kept = {k: v for k, v in meta.to_dict().items()

@@ -79,6 +79,10 @@ def _apply_prefill(names: list[str]) -> None:
         st.session_state["train::backbone"] = prefill["backbone"]
 
 
+# The Train page's position-statistics choices -> TrainConfig.position_stats
+POSITION_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto"}
+
+
 def _beyond_paper_options() -> dict[str, str | float | bool]:
     """The options beyond the paper (issue 11), folded away; only those changed are returned,
     so the default stays the paper's recipe."""
@@ -110,12 +114,15 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
             help="0: save the last weights (the paper); E: save a moving average of the "
             "student's weights with a half-life of E epochs, which damps the loss spikes "
             "without lowering the rate (1 is a good start).")
-        position = st.checkbox(
-            "Position statistics (parts that lie in place)", key="train::position_stats",
+        position = POSITION_CHOICES[st.selectbox(
+            "Position statistics (parts that lie in place)", list(POSITION_CHOICES),
+            key="train::position_stats",
             help="Adds a per-position model of the normal images' teacher features to the "
             "heat map: large faint regions and misplaced parts the student rebuilds show up. "
             "Only for parts that always lie in the same place and pose (a fixture, a "
-            "conveyor); the image score stays the paper's unless the next box is ticked.")
+            "conveyor); auto keeps it only if the normal training images say they do "
+            "(recorded in the checkpoint). The image score stays the paper's unless the next "
+            "box is ticked.")]
         position_score = st.checkbox(
             "... and in the image score", key="train::position_score", disabled=not position,
             help="Scores an image by the larger of the paper's score and the position "

@@ -69,12 +69,15 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="save a moving average of the student's weights with this "
                         "half-life in epochs (e.g. 1) instead of the last weights, which a "
                         "loss spike may have thrown off; default 0 = off (the paper)")
-    beyond.add_argument("--position-stats", action=argparse.BooleanOptionalAction,
-                        default=None,
+    beyond.add_argument("--position-stats", nargs="?", const=True, default=None,
+                        type=_position_stats, metavar="auto",
                         help="for parts that lie in place: add a per-position normal model "
                         "of the teacher's features to the map (large faint regions, misplaced "
                         "parts); the image score stays the paper's unless --position-score; "
-                        "default off")
+                        "'--position-stats auto' keeps them only if the normal training images "
+                        "say the parts lie in place (recorded in the checkpoint); default off")
+    beyond.add_argument("--no-position-stats", dest="position_stats", action="store_const",
+                        const=False, help="no position statistics (over a --preset)")
     beyond.add_argument("--position-score", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="with --position-stats: score an image by the larger of the "
@@ -91,6 +94,12 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
     return p
+
+
+def _position_stats(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"'auto' or nothing, got {value!r}")
+    return value
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -126,7 +126,7 @@ def test_options_beyond_the_paper_reach_the_job(studio, jobs_root, monkeypatch):
     at.selectbox(key="train::lr_schedule").set_value("cosine")
     at.number_input(key="train::ema").set_value(1.5)
     assert at.checkbox(key="train::position_score").disabled  # only with the statistics
-    at.checkbox(key="train::position_stats").check().run()
+    at.selectbox(key="train::position_stats").set_value("auto").run()
     assert not at.checkbox(key="train::position_score").disabled
     at.checkbox(key="train::position_score").check()
     at.button(key="train::start").click().run()
@@ -134,5 +134,5 @@ def test_options_beyond_the_paper_reach_the_job(studio, jobs_root, monkeypatch):
     (job,) = jobs.list_jobs()
     config = job.config
     assert (config.augment, config.lr_schedule, config.ema) == ("auto", "cosine", 1.5)
-    assert config.position_stats is True and config.position_score is True
+    assert config.position_stats == "auto" and config.position_score is True
     assert (config.resize, config.teacher_adapt) == ("squash", "none")  # the paper's

@@ -19,6 +19,7 @@ from rd.position import (
     PositionStatistics,
     _left_out_moments,
     fit_position_statistics,
+    in_place_decision,
     pooled,
     z_map,
 )
@@ -100,6 +101,7 @@ def test_left_out_moments_equal_a_fit_without_the_image(teacher) -> None:
         assert torch.allclose(left_out[index], alone, rtol=0.05)
         maxima.append(float(left_out[index].max()))
     assert info["left_out_max"] == pytest.approx(max(maxima), rel=1e-5)
+    assert info["left_out_spread"] == pytest.approx(np.std(maxima) / np.mean(maxima), rel=1e-4)
     # in-sample z-scores run low: the left-out ones are what new normal images show
     assert info["left_out_max"] > float(statistics.raw_map(features, (SIZE, SIZE)).max())
 
@@ -386,3 +388,56 @@ def test_added_score_equals_training_with_it(scored, paper, tmp_path) -> None:
     category, out = scored
     _assert_added_equals_trained(paper, out, category, tmp_path / "added.safetensors",
                                  "--position-score")
+
+
+def _moving_parts(count: int, seed: int) -> list[np.ndarray]:
+    """The same part as ``_grey_parts``, placed anywhere: a part that does not lie in place."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        image = np.full((SIZE, SIZE, 3), 60.0)
+        top, left = rng.integers(0, 32, 2)
+        image[top:top + 32, left:left + 32] = 190.0
+        image += rng.normal(0, 4, image.shape)
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+def test_the_spread_of_left_out_maxima_tells_parts_in_place_from_moving_ones(teacher) -> None:
+    """--position-stats auto's measure: the coefficient of variation of the left-out maxima,
+    low where the part lies in place and high where it moves."""
+    decisions = {}
+    for name, images in (("in place", _grey_parts(12, seed=1)),
+                         ("moving", _moving_parts(12, seed=1))):
+        _, info = fit_position_statistics(teacher, _batches(images), SIZE)
+        decisions[name] = in_place_decision(info)
+    assert decisions["in place"]["kept"] and not decisions["moving"]["kept"]
+    assert decisions["moving"]["left_out_spread"] > 3 * decisions["in place"]["left_out_spread"]
+    assert "left out" in decisions["moving"]["why"]
+    few = in_place_decision({"left_out_spread": None, "images": 2})
+    assert not few["kept"] and "three normal training images" in few["why"]
+
+
+@pytest.mark.parametrize("max_spread", [0.0, 100.0])
+def test_auto_keeps_the_statistics_only_when_the_parts_lie_in_place(
+        tiny_mvtec, tmp_path, monkeypatch, max_spread) -> None:
+    """Left out, the checkpoint is the paper's model with the decision recorded; kept, it is
+    the --position-stats checkpoint (with the score asked for) with the decision beside it."""
+    monkeypatch.setattr("rd.position.IN_PLACE_MAX_SPREAD", max_spread)
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    config = TrainConfig(image_size=SIZE, epochs=1, batch_size=4, device="cpu",
+                         position_stats="auto", position_score=True)
+    out = tmp_path / "auto.safetensors"
+    train(category.train_samples(), config, out, progress=False)
+    meta = read_metadata(out)
+    decision = meta["position_auto"]
+    assert meta["recipe"]["position_stats"] == "auto"
+    assert decision["max_spread"] == max_spread and decision["left_out_spread"] > 0
+    model, _ = load_checkpoint(out)
+    if max_spread == 0.0:
+        assert decision["kept"] is False and "left out" in decision["why"]
+        assert model.position is None and "position_stats" not in meta
+    else:
+        assert decision["kept"] is True
+        assert model.position is not None and model.position.score_weight > 0
+        assert meta["position_stats"]["left_out_spread"] == decision["left_out_spread"]

@@ -30,6 +30,19 @@ def test_flags_reach_the_config_and_its_recipe() -> None:
     assert config.recipe()["augment"] == "hflip,blur"
     assert config.recipe()["position_stats"] is True
     assert "position_stats" not in config_of().recipe()
+    assert config_of("--position-stats", "auto", "--position-score").recipe()[
+        "position_stats"] == "auto"
+
+
+def test_position_stats_are_on_off_or_auto(capsys) -> None:
+    with pytest.raises(SystemExit):
+        config_of("--position-stats", "always")
+    assert "'auto' or nothing" in capsys.readouterr().err
+    with pytest.raises(TrainingError, match="on, off or auto"):
+        TrainConfig(position_stats="yes").validate()
+    assert TrainConfig.from_dict({"position_stats": "auto"}).position_stats == "auto"
+    with pytest.raises(TrainingError, match="on, off or auto"):
+        TrainConfig.from_dict({"position_stats": 1})
 
 
 def test_preset_fills_options_and_explicit_flags_win(monkeypatch) -> None:
