@@ -6,7 +6,10 @@ them onto a checkpoint gives the tensors of training with the flag), so every ru
 was, with position statistics fitted on its normal training images
 (``rd.training.add_position_statistics``), and with them in the image score too
 (``--position-score``). All are evaluated here, in the same run, as the study evaluates (pixel
-metrics at the native size of the non-square categories).
+metrics at the native size of the non-square categories). The last column is what
+``--position-stats auto --position-score`` decides on the run's normal training images (the
+spread of their left-out maxima, ``rd.position.in_place_decision``), and so which version it
+gives.
 
     OMP_NUM_THREADS=2 python -m benchmarks.position_study --work /tmp/robust_r9 \\
         --mvtec ../shared/data/mvtec_subset --datasets casting,metal_strip
@@ -20,11 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import DataLoader
+
 from benchmarks.common import print_table
 from benchmarks.robust_study import DATASETS, prepare
-from rd.data import MVTecCategory
+from rd.checkpoints import load_checkpoint
+from rd.data import ImageDataset, MVTecCategory, Preprocess, Sample
 from rd.detector import load
 from rd.evaluation import evaluate
+from rd.position import fit_position_statistics, in_place_decision
 from rd.training import add_position_statistics
 
 EVAL_SIZE = {name: size for name, _, size in DATASETS}
@@ -33,6 +40,18 @@ EVAL_SIZE = {name: size for name, _, size in DATASETS}
 def _metrics(report: dict[str, Any]) -> str:
     return (f"{report['image_auroc']:.3f} / {report['pixel_auroc']:.3f} / "
             f"{report['au_pro']:.3f}")
+
+
+def auto_decision(checkpoint: Path, samples: list[Sample]) -> dict[str, Any]:
+    """What ``--position-stats auto`` decides for ``checkpoint``'s teacher and preprocessing
+    on its normal training images (the fit ``add_position_statistics`` makes)."""
+    model, meta = load_checkpoint(checkpoint)
+    preprocess = Preprocess.from_dict(meta.preprocess)
+    loader = DataLoader(ImageDataset(samples, preprocess), batch_size=16)
+    _, info = fit_position_statistics(model.eval().teacher,
+                                      lambda: (batch["image"] for batch in loader),
+                                      preprocess.size, "cpu")
+    return in_place_decision(info)
 
 
 def measure(work: Path, mvtec: Path | None, datasets: list[str] | None,
@@ -73,10 +92,14 @@ def measure(work: Path, mvtec: Path | None, datasets: list[str] | None,
             f"{kind} {reports['without']['per_defect'][kind]['image_auroc']:.2f}"
             f"->{values['image_auroc']:.2f}"
             for kind, values in reports["score"]["per_defect"].items())
+        decision = auto_decision(checkpoint, category.train_samples())
+        auto = (f"kept ({decision['left_out_spread']:.2f}): "
+                f"{_metrics(reports['score'])}" if decision["kept"] else
+                f"left out ({decision['left_out_spread']:.2f}): {_metrics(reports['without'])}")
         line = [dataset, row, record["seed"], record["epochs"], _metrics(reports["without"]),
                 _metrics(reports["with"]), defects,
                 f"{reports['score']['image_auroc']:.3f}", image, f"{fit_seconds:.0f}",
-                f"{reports['without']['wall']:.0f} / {reports['with']['wall']:.0f}"]
+                f"{reports['without']['wall']:.0f} / {reports['with']['wall']:.0f}", auto]
         print(" | ".join(map(str, line)), flush=True)
         table.append(line)
     return table
@@ -98,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                  "with", "per defect pixel AUROC without->with",
                  "image AUROC with --position-score", "per defect image AUROC without->score",
                  "fit + calibrate s (new fits)",
-                 "evaluation s without / with"], rows)
+                 "evaluation s without / with",
+                 "--position-stats auto --position-score (spread): its metrics"], rows)
     return 0
 
 

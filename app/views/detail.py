@@ -35,6 +35,9 @@ def score_note(metadata: Any) -> str:
     metadata: ``position_stats`` when trained with them, rd.position)."""
     info = metadata.get("position_stats")
     if not info:
+        auto = metadata.get("position_auto")
+        if isinstance(auto, Mapping) and auto.get("why"):  # --position-stats auto left them out
+            return f"Score = maximum of the smoothed fused map ({auto['why']})."
         return "Score = maximum of the smoothed fused map."
     if isinstance(info, Mapping) and info.get("score"):
         return ("Score = the larger of the paper's score (maximum of its smoothed fused map) "

@@ -82,3 +82,8 @@ def test_the_score_note_says_when_the_heat_map_adds_position_statistics() -> Non
     scored = score_note({"position_stats": {"weight": 1.0, "score": True,
                                             "score_weight": 0.3}})
     assert "larger of the paper's score" in scored and "leaves out" not in scored
+    left_out = score_note({"position_auto": {"kept": False, "why": "position statistics left "
+                                             "out: the normal training images' left-out "
+                                             "maxima spread by 0.62"}})
+    assert left_out.startswith("Score = maximum of the smoothed fused map (position statistics "
+                               "left out: ")
