@@ -67,6 +67,9 @@ def test_the_fixtured_preset_is_the_combination_that_won_on_parts_in_place() -> 
     without = config_of("--preset", "fixtured", "--no-position-stats")  # neither, then
     assert (without.position_stats, without.position_score) == (False, False)
     assert config_of("--preset", "fixtured", "--no-position-score").position_score is False
+    unsure = config_of("--preset", "fixtured", "--position-stats", "auto")  # the README's
+    assert (unsure.resize, unsure.position_stats, unsure.position_score) == (
+        "multiscale", "auto", True)
 
 
 def test_position_score_needs_position_stats() -> None:
