@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import print_table
 from benchmarks.robust_study import DATASETS, prepare
-from rd.checkpoints import load_checkpoint
+from rd.checkpoints import load_checkpoint, read_metadata
 from rd.data import ImageDataset, MVTecCategory, Preprocess, Sample
 from rd.detector import load
 from rd.evaluation import evaluate
@@ -42,9 +42,13 @@ def _metrics(report: dict[str, Any]) -> str:
             f"{report['au_pro']:.3f}")
 
 
-def auto_decision(checkpoint: Path, samples: list[Sample]) -> dict[str, Any]:
+def auto_decision(checkpoint: Path, added: Path, samples: list[Sample]) -> dict[str, Any]:
     """What ``--position-stats auto`` decides for ``checkpoint``'s teacher and preprocessing
-    on its normal training images (the fit ``add_position_statistics`` makes)."""
+    on its normal training images: from the fit recorded in ``added`` (its version with the
+    statistics), or fitted again for a version made before the fit recorded the spread."""
+    info = read_metadata(added)["position_stats"]
+    if info.get("left_out_spread") is not None:
+        return in_place_decision(info)
     model, meta = load_checkpoint(checkpoint)
     preprocess = Preprocess.from_dict(meta.preprocess)
     loader = DataLoader(ImageDataset(samples, preprocess), batch_size=16)
@@ -92,7 +96,7 @@ def measure(work: Path, mvtec: Path | None, datasets: list[str] | None,
             f"{kind} {reports['without']['per_defect'][kind]['image_auroc']:.2f}"
             f"->{values['image_auroc']:.2f}"
             for kind, values in reports["score"]["per_defect"].items())
-        decision = auto_decision(checkpoint, category.train_samples())
+        decision = auto_decision(checkpoint, added, category.train_samples())
         auto = (f"kept ({decision['left_out_spread']:.2f}): "
                 f"{_metrics(reports['score'])}" if decision["kept"] else
                 f"left out ({decision['left_out_spread']:.2f}): {_metrics(reports['without'])}")

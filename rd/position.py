@@ -25,6 +25,10 @@ ones match new normal images). ``score_weight`` = RD's reference / the statistic
 second into RD's units. A large faint region then counts at the image level too (casting's
 uneven parts, docs/results.md round 11).
 
+``--position-stats auto`` keeps the statistics only where the normal training images say the
+parts lie in place: their left-out maxima (above) are alike there, and spread where parts move
+or the view is a texture, whose statistics cost the map and the score (``in_place_decision``).
+
 The statistics are buffers of ``ReverseDistillation.position`` (checkpoint tensors
 ``position.*``), so ``predict``, the exported ONNX graph and ``predict_native`` all carry them.
 """

@@ -711,7 +711,7 @@ def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
                   score: bool, auto: bool = False) -> dict[str, Any]:
     """Fit the position statistics (rd.position) on the squashed normal training images;
     ``score``: they count in the image score too (--position-score); ``auto``: kept only if
-    the parts lie in place (``rd.position.lies_in_place``). Returns the checkpoint metadata:
+    the parts lie in place (``rd.position.in_place_decision``). Returns the checkpoint metadata:
     ``position_stats`` when kept, and with ``auto`` the decision as ``position_auto``."""
     loader = DataLoader(ImageDataset(samples, preprocess), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
