@@ -337,6 +337,14 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_distributed() -> None:
+    """Leave the process group ``init_distributed`` joined, while the interpreter is whole: a
+    gloo group left to interpreter shutdown can abort the process (SIGABRT) as its threads
+    free tensors after Python is gone."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _part_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f".{out.name}.part{rank}-of-{world}")
 

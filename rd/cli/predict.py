@@ -15,10 +15,12 @@ from rd.results import ResultsStore
 from rd.runtime import describe, load_runtime
 from rd.scoring import (
     SAVE_MAPS,
+    Inputs,
     ScoringError,
     check_output,
     collect_inputs,
     init_distributed,
+    leave_distributed,
     rank_zero_first,
     score,
 )
@@ -76,6 +78,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}")
     inputs = collect_inputs(args.images, args.list_file)
     rank, world = init_distributed()
+    try:
+        _score_as_rank(args, out, output_format, save_maps, inputs, rank, world)
+    finally:
+        leave_distributed()  # every rank, also after an error
+    return 0
+
+
+def _score_as_rank(args: argparse.Namespace, out: Path | None, output_format: str | None,
+                   save_maps: str, inputs: Inputs, rank: int, world: int) -> None:
     device = args.device
     if world > 1 and device == "auto":
         import torch
@@ -106,4 +117,3 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.threshold is None and detector.metadata.threshold("f1") is None:
             print("note: the checkpoint has no threshold (no verdicts); overlays use each "
                   "image's own range", file=sys.stderr)
-    return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,11 +39,14 @@ def setup(tmp_path_factory):
     return checkpoint, folder / "images"
 
 
-def _predict(checkpoint, images, out, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+
+
+def _predict(checkpoint, images, out, nproc: int, *extra: str,
+             program: tuple[str, ...] = ("-m", "rd")) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "rd", "predict"]
     if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", str(nproc), "-m", "rd", "predict"]
+        command = [*TORCHRUN, str(nproc), *program, "predict"]
     env = {**os.environ, "RD_RUNTIME": "torch", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*command, "--checkpoint", str(checkpoint), str(images), "--jsonl",
                            str(out), "--device", "cpu", "--batch-size", "2", "--workers", "0",
@@ -77,3 +81,29 @@ def test_two_ranks_resume_a_partial_output(setup, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["path"] for r in read_rows(partial, "jsonl")] == [
         r["path"] for r in read_rows(full, "jsonl")]
+
+
+def test_each_rank_leaves_the_process_group_before_exiting(setup, tmp_path):
+    """A gloo group left to interpreter shutdown can abort a rank (SIGABRT), failing a run
+    whose rows were all written: ``predict`` leaves it itself, also after an error."""
+    checkpoint, images = setup
+    program = tmp_path / "predict_then_report.py"
+    program.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+        "import torch.distributed as dist\n"
+        "from rd.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(f'rank {os.environ[\"RANK\"]} code {code} joined {dist.is_initialized()}')\n")
+    result = _predict(checkpoint, images, tmp_path / "rows.jsonl", 2, program=(str(program),))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(result.stdout.splitlines()) == [
+        "rank 0 code 0 joined False", "rank 1 code 0 joined False"]
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for name in ("a.png", "b.png"):
+        (unreadable / name).write_bytes(b"no image")
+    failed = _predict(checkpoint, unreadable, tmp_path / "none.jsonl", 2,
+                      program=(str(program),))
+    assert sorted(failed.stdout.splitlines()) == [  # "no image could be read", after joining
+        "rank 0 code 2 joined False", "rank 1 code 2 joined False"]
