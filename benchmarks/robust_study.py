@@ -62,6 +62,12 @@ ROWS: dict[str, dict[str, Any]] = {
                                             "ema": 0.5},
     # round 12: the combination at the paper's geometry (parts that move)
     "augment auto + ema": {"augment": "auto", "ema": 1.0},
+    # round 14: geometric transforms only (a part turned or moved is still a normal part)
+    "augment geometric + ema": {"augment": "hflip,rot90,rotate,shift", "ema": 1.0},
+    "augment no blur + ema": {"augment": "hflip,rot90,rotate,shift,brightness,contrast",
+                              "ema": 1.0},
+    "multiscale + augment geometric + ema": {"resize": "multiscale",
+                                             "augment": "hflip,rot90,rotate,shift", "ema": 1.0},
     "preset robust": {"preset": "robust"},
 }
 TILE_SCALE = {"hazelnut": 0.5, "transistor": 0.5}
