@@ -62,7 +62,8 @@ ROWS: dict[str, dict[str, Any]] = {
                                             "ema": 0.5},
     # round 12: the combination at the paper's geometry (parts that move)
     "augment auto + ema": {"augment": "auto", "ema": 1.0},
-    # round 14: geometric transforms only (a part turned or moved is still a normal part)
+    # round 14, for hazelnut: the transforms auto keeps there, geometric only and without blur
+    # (elsewhere a forced flip can make a defect: a flipped transistor is "misplaced")
     "augment geometric + ema": {"augment": "hflip,rot90,rotate,shift", "ema": 1.0},
     "augment no blur + ema": {"augment": "hflip,rot90,rotate,shift,brightness,contrast",
                               "ema": 1.0},
