@@ -8,7 +8,7 @@ encoding ``st.image`` does for each picture. Streamlit's
 own round trip is not included. The baseline replaces ``Detector.predict`` with the reference's
 one-image path (benchmarks.baseline.reference_predict); the colouring is the same.
 
-Images: hazelnut test images of the real subset (1024² PNGs) when ``../shared`` is there, else
+Images: hazelnut test images of the real subset (256² PNGs) when ``../shared`` is there, else
 generated 256² parts. The first image after loading is reported apart (one-off set-up costs).
 
     python -m benchmarks.app_latency
