@@ -73,7 +73,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "multiscale + augment geometric + ema": {"resize": "multiscale",
                                              "augment": "hflip,rot90,rotate,shift", "ema": 1.0},
     # round 15: the MVTec subset's 256² images upsampled 2x into 9 overlapping tiles, with the
-    # whole view: the geometry the study meant for MVTec's 1024² photos
+    # whole view: the geometry the study meant for MVTec's 1024² photos (for hazelnut and
+    # transistor only: on the native-scale categories it would upsample their tiles too)
     "multiscale x2 + augment auto + ema": {"resize": "multiscale", "tile_scale": 2.0,
                                            "augment": "auto", "ema": 1.0},
     "preset robust": {"preset": "robust"},
