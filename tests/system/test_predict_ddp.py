@@ -94,7 +94,10 @@ def test_each_rank_leaves_the_process_group_before_exiting(setup, tmp_path):
         "import torch.distributed as dist\n"
         "from rd.cli import main\n"
         "code = main(sys.argv[1:])\n"
-        "print(f'rank {os.environ[\"RANK\"]} code {code} joined {dist.is_initialized()}')\n")
+        # one write per rank: the ranks share stdout, and print can write the text and its
+        # newline apart (seen: two ranks' lines merged into one, then an empty line)
+        "line = f'rank {os.environ[\"RANK\"]} code {code} joined {dist.is_initialized()}\\n'\n"
+        "os.write(1, line.encode())\n")
     result = _predict(checkpoint, images, tmp_path / "rows.jsonl", 2, program=(str(program),))
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(result.stdout.splitlines()) == [
