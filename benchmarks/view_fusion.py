@@ -26,6 +26,7 @@ two students' maps:
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -44,11 +45,17 @@ TRAIN_IMAGES_FOR_SCALE = 20
 
 def half_scale_model(work: Path, data: MVTecCategory, dataset: str, seed: int, epochs: int,
                      augment: str) -> Path:
-    """The student of the half-scale view alone, trained once and kept beside the study's."""
+    """The student of the half-scale view alone, trained once and kept beside the study's
+    (a kept one is used only if its checkpoint records the same recipe)."""
     out = work / "models" / f"{dataset}-half_view-{augment.replace(',', '_')}-{seed}.safetensors"
-    if not out.exists():
-        config = TrainConfig(epochs=epochs, seed=seed, device="cpu", resize="tile",
-                             tile_scale=0.5, augment=augment, ema=1.0)
+    config = TrainConfig(epochs=epochs, seed=seed, device="cpu", resize="tile", tile_scale=0.5,
+                         augment=augment, ema=1.0)
+    if out.exists():
+        recorded = load(out, "cpu").metadata.get("recipe")
+        if recorded != json.loads(json.dumps(config.recipe())):
+            raise SystemExit(f"{out} was trained with another recipe ({recorded}); move it away "
+                             "or pass the options it was trained with")
+    else:
         started = time.perf_counter()
         train(data.train_samples(), config, out, progress=False)
         print(f"trained {out.name} in {time.perf_counter() - started:.0f} s", flush=True)
