@@ -29,13 +29,24 @@ uneven parts, docs/results.md round 11).
 parts lie in place: their left-out maxima (above) are alike there, and spread where parts move
 or the view is a texture, whose statistics cost the map and the score (``in_place_decision``).
 
+``--position-stats envelope`` is for parts of unknown kind. It fits the statistics on the normal
+images *and* their augmented copies (the transforms ``--augment`` keeps, or those ``--augment
+auto`` would keep when the student trains without augmentation: the variation measured as
+in-distribution, so a part that turns is modelled turned), records at each position the
+largest distance any normal image or copy reaches against the statistics of the *other* images
+(the envelope), and maps only what exceeds it, relative to it: ``max(0, d - e) / e`` per layer,
+averaged and blurred like the map above. Normal variation, however it moves, stays under the
+envelope, so the map adds little where the plain statistics cost parts that move
+(docs/results.md, round 17); a missing or misplaced part still rises above it. Its weight is
+``ENVELOPE_WEIGHT`` times RD's largest normal training score; the image score stays RD's.
+
 The statistics are buffers of ``ReverseDistillation.position`` (checkpoint tensors
 ``position.*``), so ``predict``, the exported ONNX graph and ``predict_native`` all carry them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +62,11 @@ VARIANCE_FLOOR = 1e-3  # added to each variance, times the layer's mean variance
 # images spread by at most this coefficient of variation (docs/results.md, round 12: 0.15-0.19
 # on the parts that lie in place, 0.29-0.78 where parts move or the view is a texture)
 IN_PLACE_MAX_SPREAD = 0.25
+# --position-stats envelope: an excess of the envelope's own size (twice the largest distance a
+# normal image reaches there) counts this share of RD's largest normal training score
+# (docs/results.md, round 17)
+ENVELOPE_WEIGHT = 0.5
+ENVELOPE_FLOOR = 1e-2  # no cell's envelope below this share of its layer's median envelope
 
 
 def window(side: int) -> int:
@@ -69,11 +85,14 @@ class PositionStatistics(nn.Module):
     """Per-position mean and variance of the pooled teacher features of the normal images,
     and the weight that brings their map to RD's scale."""
 
-    def __init__(self, shapes: Iterable[tuple[int, int, int]]) -> None:
+    def __init__(self, shapes: Iterable[tuple[int, int, int]], envelope: bool = False) -> None:
         super().__init__()
         for index, shape in enumerate(shapes):
             self.register_buffer(f"mean{index}", torch.zeros(shape))
             self.register_buffer(f"var{index}", torch.ones(shape))
+            if envelope:  # --position-stats envelope: each cell's largest normal distance
+                self.register_buffer(f"envelope{index}", torch.ones((1, *shape[1:])))
+        self.envelope = envelope
         self.register_buffer("weight", torch.ones(()))
         # --position-score: RD's units per unit of the statistics map's maximum (from the
         # checkpoint's metadata); None: the image score is RD's own
@@ -83,7 +102,7 @@ class PositionStatistics(nn.Module):
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> PositionStatistics:
         """Statistics of the shapes ``tensors`` (a checkpoint's ``position.*``) hold."""
         shapes = [tuple(tensors[f"mean{i}"].shape) for i in range(len(LAYERS))]
-        return cls(shapes)
+        return cls(shapes, envelope="envelope0" in tensors)
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,8 +114,18 @@ class PositionStatistics(nn.Module):
         return self.weight * raw, score
 
     def raw_map(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """(N, H, W): mean squared z-score over channels, layers averaged, blurred (σ 4)."""
-        return z_map([pooled(features[layer]) for layer in LAYERS], self.moments(), size)
+        """(N, H, W): mean squared z-score over channels, layers averaged, blurred (σ 4); with
+        an envelope, each layer's excess over it, relative to it."""
+        cells = [pooled(features[layer]) for layer in LAYERS]
+        if not self.envelope:
+            return z_map(cells, self.moments(), size)
+        excess = [torch.relu(distance - bound) / bound for distance, bound in
+                  zip(distances(cells, self.moments()), self.envelopes(), strict=True)]
+        return _smoothed(excess, size)
+
+    def envelopes(self) -> list[torch.Tensor]:
+        """Each modelled layer's envelope (1, 1, h, w) (``--position-stats envelope``)."""
+        return [getattr(self, f"envelope{i}") for i in range(len(LAYERS))]
 
     def moments(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mean, variance) of each modelled layer."""
@@ -104,16 +133,28 @@ class PositionStatistics(nn.Module):
                 for i in range(len(LAYERS))]
 
 
+def distances(cells: list[torch.Tensor], moments: list[tuple[torch.Tensor, torch.Tensor]]
+              ) -> list[torch.Tensor]:
+    """Per layer (N, 1, h, w): the pooled ``cells`` against (mean, variance), mean squared
+    z-score over channels."""
+    return [((layer_cells - mean) ** 2 / var).mean(1, keepdim=True)
+            for layer_cells, (mean, var) in zip(cells, moments, strict=True)]
+
+
+def _smoothed(per_layer: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W): per-layer (N, 1, h, w) maps upsampled to ``size``, averaged, blurred (σ 4)."""
+    total = None
+    for layer_map in per_layer:
+        upsampled = F.interpolate(layer_map, size=size, mode="bilinear", align_corners=True)
+        total = upsampled if total is None else total + upsampled
+    return gaussian_blur(total[:, 0] / len(per_layer))
+
+
 def z_map(cells: list[torch.Tensor], moments: list[tuple[torch.Tensor, torch.Tensor]],
           size: tuple[int, int]) -> torch.Tensor:
     """(N, H, W): the pooled ``cells`` of each layer against its (mean, variance), mean squared
     z-score over channels, upsampled to ``size``, layers averaged, blurred (σ 4)."""
-    total = None
-    for layer_cells, (mean, var) in zip(cells, moments, strict=True):
-        distance = ((layer_cells - mean) ** 2 / var).mean(1, keepdim=True)
-        upsampled = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
-        total = upsampled if total is None else total + upsampled
-    return gaussian_blur(total[:, 0] / len(cells))
+    return _smoothed(distances(cells, moments), size)
 
 
 @torch.no_grad()
@@ -165,6 +206,77 @@ def fit_position_statistics(teacher: nn.Module,
                         "left_out_max": float(maxima.max()) if len(maxima) else None,
                         "left_out_spread": (float(maxima.std(correction=0) / maxima.mean())
                                             if len(maxima) else None)}
+
+
+@torch.no_grad()
+def fit_envelope_statistics(teacher: nn.Module, groups: Callable[[], Iterable[torch.Tensor]],
+                            device: torch.device | None = None, transforms: Sequence[str] = ()
+                            ) -> tuple[PositionStatistics, dict[str, Any]]:
+    """``--position-stats envelope``: statistics fitted on every image of the groups
+    ``groups()`` yields (called twice), one preprocessed (1 + copies, 3, S, S) tensor per normal
+    training image, the image first and then its augmented copies (``transforms``, recorded);
+    and the envelope: each cell's largest distance that any image or copy reaches against the
+    statistics of the other groups. Returns them with what the checkpoint records."""
+    device = device or next(teacher.parameters()).device
+    sums: list[torch.Tensor] = []
+    squares: list[torch.Tensor] = []
+    count = images = 0
+    for group in groups():
+        for index, cells in enumerate(_pooled_cells(teacher, group.to(device))):
+            if len(sums) <= index:
+                sums.append(torch.zeros_like(cells[0]))
+                squares.append(torch.zeros_like(cells[0]))
+            sums[index] += cells.sum(0)
+            squares[index] += (cells ** 2).sum(0)
+        count += len(group)
+        images += 1
+    if images < 3:
+        raise ValueError("--position-stats envelope needs at least three normal training "
+                         f"images (the data has {images})")
+    statistics = PositionStatistics([tuple(s.shape) for s in sums], envelope=True).to(device)
+    floors = []
+    for index, (total, square) in enumerate(zip(sums, squares, strict=True)):
+        mean = total / count
+        var = ((square - count * mean ** 2) / (count - 1)).clamp_min(0)
+        floors.append(VARIANCE_FLOOR * var.mean())
+        getattr(statistics, f"mean{index}").copy_(mean.float())
+        getattr(statistics, f"var{index}").copy_((var + floors[-1]).float())
+    bounds: list[torch.Tensor] | None = None
+    for group in groups():
+        cells = _pooled_cells(teacher, group.to(device))
+        others = count - len(group)
+        moments = []
+        for layer_cells, total, square, floor in zip(cells, sums, squares, floors, strict=True):
+            mean = (total - layer_cells.sum(0)) / others
+            var = ((square - (layer_cells ** 2).sum(0) - others * mean ** 2)
+                   / (others - 1)).clamp_min(0)
+            moments.append((mean.float(), (var + floor).float()))
+        reached = [d.amax(0, keepdim=True)
+                   for d in distances([c.float() for c in cells], moments)]
+        bounds = reached if bounds is None else [torch.maximum(b, r)
+                                                 for b, r in zip(bounds, reached, strict=True)]
+    for index, bound in enumerate(bounds or []):
+        # a cell that no normal image moves (a constant background) would divide by ~0
+        floor = (ENVELOPE_FLOOR * bound.median()).clamp_min(1e-12)
+        getattr(statistics, f"envelope{index}").copy_(bound.clamp_min(floor)[0])
+    return statistics, {"mode": "envelope", "layers": [layer + 1 for layer in LAYERS],
+                        "window": f"1/{WINDOW_SHARE} of the side", "images": images,
+                        "copies": count - images, "transforms": list(transforms),
+                        "variance_floor": VARIANCE_FLOOR, "envelope_weight": ENVELOPE_WEIGHT}
+
+
+def _pooled_cells(teacher: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
+    """The modelled layers' pooled teacher features of ``batch``, in float64."""
+    features = teacher(batch)
+    return [pooled(features[layer]).double() for layer in LAYERS]
+
+
+def calibrate_envelope(statistics: PositionStatistics, rd_max: float) -> float:
+    """Set ``weight`` of envelope statistics to ``ENVELOPE_WEIGHT`` times RD's largest normal
+    training score; returns it."""
+    weight = ENVELOPE_WEIGHT * rd_max
+    statistics.weight.fill_(weight)
+    return weight
 
 
 def in_place_decision(info: Mapping[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rd.adapt import ADAPT_MODES, adapt_teacher
-from rd.augment import augmentation, parse_augment
+from rd.augment import TRANSFORMS, augmentation, parse_augment, select_transforms
 from rd.backbones import DEFAULT_BACKBONE, get_backbone
 from rd.checkpoints import (
     CheckpointError,
@@ -76,13 +76,20 @@ from rd.checkpoints import (
     load_student,
     save_checkpoint,
 )
-from rd.data import ImageDataset, Preprocess, Sample
+from rd.data import ImageDataset, Preprocess, Sample, read_image
 from rd.errors import RDError
 from rd.files import atomic_write, die_with_parent
 from rd.geometry import Geometry, masked_distillation_loss, predict_native, training_dataset
 from rd.losses import reverse_distillation_loss
 from rd.model import ReverseDistillation, build_model, resolve_device
-from rd.position import calibrate, calibrate_score, fit_position_statistics, in_place_decision
+from rd.position import (
+    calibrate,
+    calibrate_envelope,
+    calibrate_score,
+    fit_envelope_statistics,
+    fit_position_statistics,
+    in_place_decision,
+)
 
 CACHE_MODES = ("auto", "on", "off")
 # "auto" caches the teacher's features when they fit in this many bytes.
@@ -104,6 +111,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fixtured": {"resize": "multiscale", "augment": "auto", "ema": 1.0, "position_stats": True,
                  "position_score": True},
 }
+# --position-stats values besides on and off (rd.position)
+POSITION_MODES = ("auto", "envelope")
 # At most this many normal training images weigh the position statistics against RD's map at
 # each save (rd.position): a bounded cost, however many images train.
 POSITION_CALIBRATION_IMAGES = 64
@@ -188,7 +197,8 @@ class TrainConfig:
     # weights (the paper)
     ema: float = 0.0
     # a per-position normal model of the teacher's features added to the map (rd.position);
-    # "auto": kept only where the normal images say the parts lie in place
+    # "auto": kept only where the normal images say the parts lie in place; "envelope": fitted
+    # with the augmented copies too, only what exceeds every normal image there counts
     position_stats: bool | str = False
     # ... and in the image score: the larger of RD's and theirs, each against the most
     # surprising normal training image (needs position_stats)
@@ -232,10 +242,14 @@ class TrainConfig:
              f"--cache-teacher must be one of {CACHE_MODES}, got {self.cache_teacher!r}"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.workers >= 0, "--workers must be 0 or more"),
-            (isinstance(self.position_stats, bool) or self.position_stats == "auto",
-             f"--position-stats is on, off or auto, got {self.position_stats!r}"),
+            (isinstance(self.position_stats, bool) or self.position_stats in POSITION_MODES,
+             f"--position-stats is on, off, {' or '.join(POSITION_MODES)}, got "
+             f"{self.position_stats!r}"),
             (self.position_stats or not self.position_score,
              "--position-score scores with the position statistics: add --position-stats"),
+            (self.position_stats != "envelope" or not self.position_score,
+             "--position-score does not combine with --position-stats envelope (no normal image "
+             "exceeds the envelope, so there is no normal maximum to weigh the scores by)"),
         ]
         check_image_size(self.image_size)
         for ok, message in checks:
@@ -551,7 +565,8 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
     if config.position_stats:  # the teacher's, so after its adaptation; fitted once
         beyond.update(_fit_position(model, samples, preprocess, config.batch_size,
                                     config.workers, device, config.position_score,
-                                    auto=config.position_stats == "auto"))
+                                    mode=config.position_stats,
+                                    transforms=beyond.get("augment", {}).get("kept")))
         if "position_auto" in beyond and place.main:
             print(beyond["position_auto"]["why"], file=sys.stderr)
     optimizer = torch.optim.Adam(
@@ -708,17 +723,31 @@ def _init_from(model: ReverseDistillation, config: TrainConfig) -> None:
 
 def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
                   preprocess: Preprocess, batch_size: int, workers: int, device: torch.device,
-                  score: bool, auto: bool = False) -> dict[str, Any]:
+                  score: bool, mode: bool | str = True,
+                  transforms: Sequence[str] | None = None) -> dict[str, Any]:
     """Fit the position statistics (rd.position) on the squashed normal training images;
-    ``score``: they count in the image score too (--position-score); ``auto``: kept only if
-    the parts lie in place (``rd.position.in_place_decision``). Returns the checkpoint metadata:
-    ``position_stats`` when kept, and with ``auto`` the decision as ``position_auto``."""
+    ``score``: they count in the image score too (--position-score); ``mode`` "auto": kept
+    only if the parts lie in place (``rd.position.in_place_decision``); "envelope": fitted with
+    each image's copies by the augmentation's kept ``transforms`` too, as an envelope. Returns
+    the checkpoint metadata: ``position_stats`` when kept, and with ``auto`` the decision as
+    ``position_auto``."""
+    if mode == "envelope":
+        if len(samples) < 3:
+            raise TrainingError("--position-stats envelope needs at least three normal "
+                                f"training images (the data has {len(samples)})")
+        if transforms is None:  # no training augmentation: the copies auto would keep
+            transforms = select_transforms(model.teacher, samples, preprocess,
+                                           Geometry("squash"), TRANSFORMS, device)["kept"]
+        model.position, info = fit_envelope_statistics(
+            model.teacher, lambda: _augmented_groups(samples, preprocess, transforms), device,
+            transforms)
+        return {"position_stats": info}
     loader = DataLoader(ImageDataset(samples, preprocess), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
     model.position, info = fit_position_statistics(
         model.teacher, lambda: (batch["image"] for batch in loader), preprocess.size, device)
     decision = {}
-    if auto:
+    if mode == "auto":
         decision = {"position_auto": in_place_decision(info)}
         if not decision["position_auto"]["kept"]:
             model.position = None
@@ -729,26 +758,42 @@ def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
     return {"position_stats": {**info, "score": True} if score else info, **decision}
 
 
+def _augmented_groups(samples: Sequence[Sample], preprocess: Preprocess,
+                      transforms: Sequence[str]) -> Iterator[torch.Tensor]:
+    """Per normal image: it and one copy by each of ``transforms``, preprocessed (seeded by the
+    image's index, as ``--augment auto`` judges them)."""
+    for index, sample in enumerate(samples):
+        image = read_image(sample.path)
+        copies = [TRANSFORMS[name](image, index * 1009 + 1 + offset)
+                  for offset, name in enumerate(transforms)]
+        yield torch.stack([preprocess(member) for member in (image, *copies)])
+
+
 def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
                             out: str | Path, device: str = "auto", batch_size: int = 16,
-                            score: bool = False) -> dict[str, Any]:
+                            score: bool = False, envelope: bool = False) -> dict[str, Any]:
     """Write ``checkpoint`` with position statistics fitted on its normal training images
     ``samples`` to ``out``: the same checkpoint ``--position-stats`` (and ``score``:
-    ``--position-score``) training gives, since they leave the student as it is, without
-    training again. The stored evaluation is left out (its metrics no longer hold): evaluate
-    the new checkpoint. Returns its ``position_stats`` metadata."""
+    ``--position-score``; ``envelope``: ``--position-stats envelope``, with the copies of the
+    transforms the checkpoint's augmentation kept) training gives, since they leave the student
+    as it is, without training again. The stored evaluation is left out (its metrics no longer
+    hold): evaluate the new checkpoint. Returns its ``position_stats`` metadata."""
     model, meta = load_checkpoint(checkpoint)
     if meta.get("position_stats"):
         raise TrainingError(f"{checkpoint} already has position statistics")
     device = resolve_device(device)
     model.to(device).eval()
     preprocess = Preprocess.from_dict(meta.preprocess)
-    fitted = _fit_position(model, samples, preprocess, batch_size, 0, device, score)
+    if score and envelope:
+        raise TrainingError("--position-score does not combine with the envelope statistics")
+    fitted = _fit_position(model, samples, preprocess, batch_size, 0, device, score,
+                           mode="envelope" if envelope else True,
+                           transforms=(meta.get("augment") or {}).get("kept"))
     calibrated = _calibrate_position(model, samples, preprocess, Geometry.from_metadata(meta),
                                      fitted, batch_size, device)
     kept = {k: v for k, v in meta.to_dict().items()
             if k not in ("metrics", "normal_scores", "created_utc", "software")}
-    recipe = {**(meta.get("recipe") or {}), "position_stats": True,
+    recipe = {**(meta.get("recipe") or {}), "position_stats": "envelope" if envelope else True,
               **({"position_score": True} if score else {})}
     save_checkpoint(model, out, {**kept, **calibrated, "recipe": recipe})
     return calibrated["position_stats"]
@@ -790,6 +835,9 @@ def _calibrate_position(model: ReverseDistillation, samples: Sequence[Sample],
     finally:
         model.position = statistics
         model.train(was_training)
+    if info.get("mode") == "envelope":
+        return {"position_stats": {**info, "rd_score_max": rd_max, "calibration_images":
+                                   len(chosen), "weight": calibrate_envelope(statistics, rd_max)}}
     calibrated = {**info, "rd_mean": rd_mean, "weight": calibrate(statistics, rd_mean,
                                                                   info["map_mean"]),
                   "calibration_images": len(chosen)}

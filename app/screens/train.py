@@ -80,7 +80,8 @@ def _apply_prefill(names: list[str]) -> None:
 
 
 # The Train page's position-statistics choices -> TrainConfig.position_stats
-POSITION_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto"}
+POSITION_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto",
+                                           "envelope": "envelope"}
 
 
 def _beyond_paper_options() -> dict[str, str | float | bool]:
@@ -121,10 +122,13 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
             "heat map: large faint regions and misplaced parts the student rebuilds show up. "
             "Only for parts that always lie in the same place and pose (a fixture, a "
             "conveyor); auto keeps it only if the normal training images say they do "
-            "(recorded in the checkpoint). The image score stays the paper's unless the next "
-            "box is ticked.")]
+            "(recorded in the checkpoint); envelope, for parts of unknown kind, models the "
+            "augmented copies too and shows only what exceeds every normal image at that "
+            "place. The image score stays the paper's unless the next box is ticked (not "
+            "with envelope).")]
         position_score = st.checkbox(
-            "... and in the image score", key="train::position_score", disabled=not position,
+            "... and in the image score", key="train::position_score",
+            disabled=position in (False, "envelope"),
             help="Scores an image by the larger of the paper's score and the position "
             "statistics', each measured against the most surprising normal training image: "
             "a large faint region then makes the image defective, not only its heat map.")
@@ -134,7 +138,8 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
                                    ("lr_schedule", schedule, "constant"),
                                    ("ema", float(ema), 0.0),
                                    ("position_stats", position, False),
-                                   ("position_score", position and position_score, False)):
+                                   ("position_score", position not in (False, "envelope")
+                                    and position_score, False)):
         if value != default:
             chosen[option] = value
     return chosen

@@ -44,6 +44,11 @@ def score_note(metadata: Any) -> str:
                 "and this model's position statistics' (where the image differs from the "
                 "normal images at the same place), each measured against the most surprising "
                 "normal training image. The heat map adds both.")
+    if isinstance(info, Mapping) and info.get("mode") == "envelope":
+        return ("Score = maximum of the paper's smoothed fused map. The heat map adds where "
+                "the image exceeds, at the same place, every normal training image and its "
+                "augmented copies (this model's position envelope: faint large regions, "
+                "missing or misplaced parts), which the score leaves out.")
     return ("Score = maximum of the paper's smoothed fused map. The heat map adds this "
             "model's position statistics (where the image differs from the normal images at "
             "the same place: faint large regions, misplaced parts), which the score leaves "

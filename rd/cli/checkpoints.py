@@ -64,6 +64,10 @@ def add_position_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--position-score", action="store_true",
                    help="count them in the image score too (what train --position-score gives)")
+    p.add_argument("--envelope", action="store_true",
+                   help="fit them with the copies of the transforms the checkpoint's --augment "
+                   "kept and map only what exceeds every normal image there (what train "
+                   "--position-stats envelope gives)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.set_defaults(func=cmd_add_position)
 
@@ -72,7 +76,8 @@ def cmd_add_position(args: argparse.Namespace) -> int:
     check_outputs([args.out], [args.checkpoint], args.overwrite)
     data = open_data(args)
     info = add_position_statistics(args.checkpoint, data.train_samples(), args.out,
-                                   args.device, score=args.position_score)
+                                   args.device, score=args.position_score,
+                                   envelope=args.envelope)
     scored = f", score weight {info['score_weight']:.4g}" if info.get("score") else ""
     print(f"wrote {args.out}: position statistics of {info['images']} normal images, "
           f"weight {info['weight']:.4g}{scored} (evaluate it for its metrics and thresholds)")

@@ -12,7 +12,7 @@ from rd.backbones import DEFAULT_BACKBONE, list_backbones
 from rd.cli.common import add_data_options, open_data, print_table
 from rd.geometry import RESIZE_MODES
 from rd.pipeline import train_and_evaluate
-from rd.training import BEYOND_PAPER_OPTIONS, LR_SCHEDULES, PRESETS, TrainConfig
+from rd.training import BEYOND_PAPER_OPTIONS, LR_SCHEDULES, POSITION_MODES, PRESETS, TrainConfig
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -70,12 +70,15 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "half-life in epochs (e.g. 1) instead of the last weights, which a "
                         "loss spike may have thrown off; default 0 = off (the paper)")
     beyond.add_argument("--position-stats", nargs="?", const=True, default=None,
-                        type=_position_stats, metavar="auto",
+                        type=_position_stats, metavar="auto|envelope",
                         help="for parts that lie in place: add a per-position normal model "
                         "of the teacher's features to the map (large faint regions, misplaced "
                         "parts); the image score stays the paper's unless --position-score; "
                         "'--position-stats auto' keeps them only if the normal training images "
-                        "say the parts lie in place (recorded in the checkpoint); default off")
+                        "say the parts lie in place (recorded in the checkpoint); "
+                        "'--position-stats envelope' fits them with the --augment copies too and "
+                        "maps only what exceeds every normal image there, for parts of unknown "
+                        "kind; default off")
     beyond.add_argument("--no-position-stats", dest="position_stats", action="store_const",
                         const=False, help="no position statistics (over a --preset)")
     beyond.add_argument("--position-score", action=argparse.BooleanOptionalAction,
@@ -97,8 +100,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _position_stats(value: str) -> str:
-    if value != "auto":
-        raise argparse.ArgumentTypeError(f"'auto' or nothing, got {value!r}")
+    if value not in POSITION_MODES:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(repr(mode) for mode in POSITION_MODES)} or nothing, got {value!r}")
     return value
 
 

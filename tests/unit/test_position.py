@@ -15,9 +15,12 @@ from rd.data import HALF, MVTecCategory, Preprocess
 from rd.detector import load
 from rd.geometry import Geometry, predict_native
 from rd.position import (
+    ENVELOPE_WEIGHT,
     LAYERS,
     PositionStatistics,
     _left_out_moments,
+    distances,
+    fit_envelope_statistics,
     fit_position_statistics,
     in_place_decision,
     pooled,
@@ -441,3 +444,140 @@ def test_auto_keeps_the_statistics_only_when_the_parts_lie_in_place(
         assert decision["kept"] is True
         assert model.position is not None and model.position.score_weight > 0
         assert meta["position_stats"]["left_out_spread"] == decision["left_out_spread"]
+
+
+# --position-stats envelope: the augmented copies in the fit, only the excess over every normal
+
+
+def _groups(images: list[np.ndarray], transforms: tuple[str, ...] = ()):
+    """Each image with one copy per transform, as the training path builds them."""
+    from rd.augment import TRANSFORMS
+
+    def groups():
+        for index, image in enumerate(images):
+            picture = Image.fromarray(image)
+            copies = [TRANSFORMS[name](picture, index * 1009 + 1 + offset)
+                      for offset, name in enumerate(transforms)]
+            yield torch.stack([PRE(member) for member in (picture, *copies)])
+    return groups
+
+
+def test_the_envelope_is_the_largest_distance_a_left_out_normal_reaches(teacher) -> None:
+    """Each cell's envelope is the largest distance any normal image reaches against the
+    statistics of the others (refitted here without it), so the map is 0 on every one."""
+    images = _grey_parts(6, seed=4)
+    statistics, info = fit_envelope_statistics(teacher, _groups(images))
+    assert statistics.envelope and info["mode"] == "envelope"
+    assert info["images"] == 6 and info["copies"] == 0 and info["transforms"] == []
+    plain, _ = fit_position_statistics(teacher, _batches(images), SIZE)
+    for index in range(len(LAYERS)):  # the same moments as the plain fit (other batches)
+        assert torch.allclose(getattr(statistics, f"mean{index}"),
+                              getattr(plain, f"mean{index}"), rtol=1e-4, atol=1e-4)
+    features = teacher(torch.cat(list(_batches(images)())))
+    reached = None
+    for index in range(len(images)):
+        refit, _ = fit_position_statistics(
+            teacher, _batches(images[:index] + images[index + 1:]), SIZE)
+        cells = [pooled(features[layer][index:index + 1]) for layer in LAYERS]
+        alone = distances(cells, refit.moments())
+        reached = alone if reached is None else [torch.maximum(a, b)
+                                                 for a, b in zip(reached, alone, strict=True)]
+    for bound, expected in zip(statistics.envelopes(), reached, strict=True):
+        # the variance floor differs (the full fit's, not the refit's): a few per cent
+        assert torch.allclose(bound, expected, rtol=0.05)
+    assert float(statistics.raw_map(features, (SIZE, SIZE)).max()) < 0.05
+
+
+def test_the_envelope_map_shows_a_region_never_seen_there(teacher) -> None:
+    statistics, _ = fit_envelope_statistics(teacher, _groups(_grey_parts(16, seed=1)))
+    normal, moved = _grey_parts(2, seed=2)
+    moved[8:40, 8:40] = 60
+    moved[8:40, 24:56] = 190
+    maps = statistics.raw_map(teacher(torch.stack([PRE(Image.fromarray(normal)),
+                                                   PRE(Image.fromarray(moved))])), (SIZE, SIZE))
+    assert float(maps[1].max()) > 100 * float(maps[0].max())
+    region = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    region[8:40, 8:56] = True
+    assert float(maps[1][region].mean()) > 2 * float(maps[1][~region].mean())
+
+
+def test_copies_in_the_fit_take_their_variation_as_normal(teacher) -> None:
+    """A part that may lie turned (rot90 kept by --augment) is modelled turned too: a turned
+    normal part then stays under the envelope, where the fit without copies flags it."""
+    images = _grey_parts(12, seed=5)
+    turned = np.ascontiguousarray(np.rot90(_grey_parts(1, seed=6)[0]))
+    features = teacher(PRE(Image.fromarray(turned)).unsqueeze(0))
+    maxima = {}
+    for transforms in ((), ("rot90",)):
+        statistics, info = fit_envelope_statistics(teacher, _groups(images, transforms),
+                                                   transforms=transforms)
+        assert info["copies"] == 12 * len(transforms) and info["transforms"] == list(transforms)
+        maxima[transforms] = float(statistics.raw_map(features, (SIZE, SIZE)).max())
+    assert maxima[()] > 1.0 and maxima[("rot90",)] < 0.2 * maxima[()]
+
+
+def test_the_envelope_fit_needs_three_images(teacher) -> None:
+    with pytest.raises(ValueError, match="three normal"):
+        fit_envelope_statistics(teacher, _groups(_grey_parts(2, seed=0)))
+
+
+@pytest.fixture(scope="module")
+def enveloped(tiny_mvtec, tmp_path_factory):
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    out = tmp_path_factory.mktemp("envelope") / "envelope.safetensors"
+    config = TrainConfig(image_size=SIZE, epochs=1, batch_size=4, device="cpu",
+                         augment="hflip", position_stats="envelope")
+    train(category.train_samples(), config, out, progress=False)
+    return category, out
+
+
+def test_envelope_statistics_travel_through_checkpoint_predict_and_onnx(enveloped,
+                                                                        tmp_path) -> None:
+    from rd.export import TOLERANCE, export_onnx, verify_onnx
+
+    category, out = enveloped
+    meta = read_metadata(out)
+    info = meta["position_stats"]
+    assert meta["recipe"]["position_stats"] == "envelope"
+    assert info["mode"] == "envelope" and info["transforms"] == ["hflip"]
+    assert info["copies"] == info["images"] == len(category.train_samples())
+    assert info["weight"] == pytest.approx(ENVELOPE_WEIGHT * info["rd_score_max"])
+    detector = load(out, "cpu")
+    statistics = detector.model.position
+    assert statistics.envelope and float(statistics.weight) == pytest.approx(info["weight"])
+    batch = detector.to_batch([s.path for s in category.test_samples()[:3]])
+    with_stats = detector.predict_tensor(batch)
+    detector.model.position = None
+    rd_only = detector.predict_tensor(batch)
+    detector.model.position = statistics
+    added, score = statistics(detector.model.teacher(batch), (SIZE, SIZE))
+    assert score is None and torch.equal(with_stats.scores, rd_only.scores)
+    assert torch.allclose(with_stats.fused, rd_only.fused + added, atol=1e-6)
+    assert bool((added >= 0).all())  # an excess is never negative: it only adds
+    path = export_onnx(detector, tmp_path / "envelope.onnx")
+    assert max(verify_onnx(path, detector, batch).values()) <= TOLERANCE
+
+
+def test_envelope_added_to_a_trained_checkpoint_equals_training_with_it(
+        enveloped, tiny_mvtec, tmp_path) -> None:
+    """add-position-stats --envelope takes the copies of the transforms the checkpoint's
+    augmentation kept: the tensors of training with --position-stats envelope."""
+    category, out = enveloped
+    student = tmp_path / "student.safetensors"
+    train(category.train_samples(), TrainConfig(image_size=SIZE, epochs=1, batch_size=4,
+                                                device="cpu", augment="hflip"),
+          student, progress=False)
+    _assert_added_equals_trained(student, out, category, tmp_path / "added.safetensors",
+                                 "--envelope")
+
+
+def test_envelope_refuses_the_position_score(tiny_mvtec, capsys) -> None:
+    from rd.cli import main
+    from rd.training import TrainingError
+
+    with pytest.raises(TrainingError, match="does not combine"):
+        TrainConfig(position_stats="envelope", position_score=True).validate()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(tiny_mvtec.root), "--category", tiny_mvtec.category,
+              "--out", "never.safetensors", "--position-stats", "sometimes"])
+    assert "'envelope'" in capsys.readouterr().err
