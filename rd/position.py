@@ -182,13 +182,7 @@ def fit_position_statistics(teacher: nn.Module,
     if count < 2:
         raise ValueError("position statistics need at least two normal training images")
     statistics = PositionStatistics([tuple(s.shape) for s in sums]).to(device)
-    floors = []
-    for index, (total, square) in enumerate(zip(sums, squares, strict=True)):
-        mean = total / count
-        var = ((square - count * mean ** 2) / (count - 1)).clamp_min(0)
-        floors.append(VARIANCE_FLOOR * var.mean())
-        getattr(statistics, f"mean{index}").copy_(mean.float())
-        getattr(statistics, f"var{index}").copy_((var + floors[-1]).float())
+    floors = _set_moments(statistics, sums, squares, count)
     raw_sum, left_out_maxima = 0.0, []
     for batch in batches():
         features = teacher(batch.to(device))
@@ -234,13 +228,7 @@ def fit_envelope_statistics(teacher: nn.Module, groups: Callable[[], Iterable[to
         raise ValueError("--position-stats envelope needs at least three normal training "
                          f"images (the data has {images})")
     statistics = PositionStatistics([tuple(s.shape) for s in sums], envelope=True).to(device)
-    floors = []
-    for index, (total, square) in enumerate(zip(sums, squares, strict=True)):
-        mean = total / count
-        var = ((square - count * mean ** 2) / (count - 1)).clamp_min(0)
-        floors.append(VARIANCE_FLOOR * var.mean())
-        getattr(statistics, f"mean{index}").copy_(mean.float())
-        getattr(statistics, f"var{index}").copy_((var + floors[-1]).float())
+    floors = _set_moments(statistics, sums, squares, count)
     bounds: list[torch.Tensor] | None = None
     for group in groups():
         cells = _pooled_cells(teacher, group.to(device))
@@ -263,6 +251,20 @@ def fit_envelope_statistics(teacher: nn.Module, groups: Callable[[], Iterable[to
                         "window": f"1/{WINDOW_SHARE} of the side", "images": images,
                         "copies": count - images, "transforms": list(transforms),
                         "variance_floor": VARIANCE_FLOOR, "envelope_weight": ENVELOPE_WEIGHT}
+
+
+def _set_moments(statistics: PositionStatistics, sums: list[torch.Tensor],
+                 squares: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """Write the mean and floored variance of ``count`` images' sums into ``statistics``;
+    returns each layer's variance floor."""
+    floors = []
+    for index, (total, square) in enumerate(zip(sums, squares, strict=True)):
+        mean = total / count
+        var = ((square - count * mean ** 2) / (count - 1)).clamp_min(0)
+        floors.append(VARIANCE_FLOOR * var.mean())
+        getattr(statistics, f"mean{index}").copy_(mean.float())
+        getattr(statistics, f"var{index}").copy_((var + floors[-1]).float())
+    return floors
 
 
 def _pooled_cells(teacher: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
