@@ -62,8 +62,14 @@ def test_resolve_device():
 
 # The losses of this 2-epoch run on the code before the options beyond the paper existed
 # (commit ed745a0), with one intra-op thread (CPU reductions differ in the last bits with the
-# thread count): the default path must still give them.
-PAPER_LOSSES = [2.6879324913024902, 2.0755501985549927]
+# thread count): the default path must still give them. Each kind of CPU the project has run on
+# rounds differently over the two epochs (oneDNN picks other kernels), so each has its own,
+# measured by running ed745a0 there (round 17: on the Xeon, ed745a0 and the code of round 17
+# gave the same losses to the last bit).
+PAPER_LOSSES = {
+    "AMD EPYC, Zen 4 (rounds 1-16)": [2.6879324913024902, 2.0755501985549927],
+    "Intel Xeon, AVX-512 and AMX (round 17)": [2.6871420542399087, 2.0768059492111206],
+}
 
 
 @pytest.fixture
@@ -83,7 +89,10 @@ def test_default_recipe_is_unchanged(tmp_path, one_thread):
     samples = MVTecCategory(root, "wood").train_samples()
     config = TrainConfig(image_size=64, epochs=2, batch_size=4, device="cpu")
     paper = train(samples, config, tmp_path / "paper.safetensors", progress=False)
-    assert paper.losses == pytest.approx(PAPER_LOSSES, rel=1e-5)
+    assert any(paper.losses == pytest.approx(losses, rel=1e-5)
+               for losses in PAPER_LOSSES.values()), (
+        f"losses {paper.losses} match no reference; on a new kind of CPU, run commit ed745a0's "
+        "train with this config and one thread, and add its losses to PAPER_LOSSES")
     # letterbox of square images runs the geometry path (masked loss, valid masks): the same
     # numbers bit for bit, so the hooks themselves change nothing
     boxed = train(samples, TrainConfig(**{**config.to_dict(), "betas": config.betas,
