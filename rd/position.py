@@ -232,13 +232,7 @@ def fit_envelope_statistics(teacher: nn.Module, groups: Callable[[], Iterable[to
     bounds: list[torch.Tensor] | None = None
     for group in groups():
         cells = _pooled_cells(teacher, group.to(device))
-        others = count - len(group)
-        moments = []
-        for layer_cells, total, square, floor in zip(cells, sums, squares, floors, strict=True):
-            mean = (total - layer_cells.sum(0)) / others
-            var = ((square - (layer_cells ** 2).sum(0) - others * mean ** 2)
-                   / (others - 1)).clamp_min(0)
-            moments.append((mean.float(), (var + floor).float()))
+        moments = _left_out_moments(cells, sums, squares, count, floors, group=True)
         reached = [d.amax(0, keepdim=True)
                    for d in distances([c.float() for c in cells], moments)]
         bounds = reached if bounds is None else [torch.maximum(b, r)
@@ -302,15 +296,20 @@ def in_place_decision(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _left_out_moments(cells: list[torch.Tensor], sums: list[torch.Tensor],
-                      squares: list[torch.Tensor], count: int, floors: list[torch.Tensor]
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                      squares: list[torch.Tensor], count: int, floors: list[torch.Tensor],
+                      group: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image of the batch (cells: (B, C, H, W) per layer), the mean and floored variance
-    of the other ``count - 1`` images, from the fit's sums: exact, with no second fit."""
+    of the other ``count - 1`` images, from the fit's sums: exact, with no second fit. With
+    ``group``, the whole batch is left out together: the moments of the other ``count - B``."""
     moments = []
     for layer_cells, total, square, floor in zip(cells, sums, squares, floors, strict=True):
-        others = count - 1
-        mean = (total - layer_cells) / others
-        var = ((square - layer_cells ** 2 - others * mean ** 2) / (others - 1)).clamp_min(0)
+        if group:
+            part, part_square = layer_cells.sum(0), (layer_cells ** 2).sum(0)
+            others = count - len(layer_cells)
+        else:
+            part, part_square, others = layer_cells, layer_cells ** 2, count - 1
+        mean = (total - part) / others
+        var = ((square - part_square - others * mean ** 2) / (others - 1)).clamp_min(0)
         moments.append((mean.float(), (var + floor).float()))
     return moments
 
