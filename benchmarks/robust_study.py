@@ -117,14 +117,16 @@ def config_for(row: str, dataset: str, epochs: int, seed: int) -> TrainConfig | 
     base = TrainConfig(epochs=epochs, seed=seed, device="cpu")
     config = TrainConfig(**{**base.to_dict(), "betas": base.betas,
                             **(PRESETS[preset] if preset else {}), **options})
-    if config.resize in ("tile", "multiscale") and "tile_scale" not in options:
+    if options.get("resize") in ("tile", "multiscale") and "tile_scale" not in options:
         config = TrainConfig(**{**config.to_dict(), "betas": config.betas,
                                 "tile_scale": TILE_SCALE.get(dataset, 1.0)})
     if row in ("letterbox", "tile", "multiscale") and dataset in {"hex_nut", "wood"}:
         return None  # 256² images: one squashed pass, bit for bit the paper's
-    if config.resize == "multiscale" and dataset in {"hex_nut", "wood"}:  # as above: the rest
+    if config.resize == "multiscale" and dataset in SQUARE and config.tile_scale == 1.0:
+        # as above (a preset's multiscale at the default scale too): the rest of the
+        # combination is another row's run
         config = TrainConfig(**{**config.to_dict(), "betas": config.betas, "resize": "squash",
-                                "tile_scale": 1.0})  # of the combination is another row's run
+                                "tile_scale": 1.0})
     if row == "letterbox" and dataset in SQUARE:
         return None  # square images: letterbox is squash
     return config

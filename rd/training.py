@@ -112,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "position_score": True},
 }
 # --position-stats values besides on and off (rd.position)
-POSITION_MODES = ("auto", "envelope")
+POSITION_MODES = ("auto", "envelope", "adaptive")
 # At most this many normal training images weigh the position statistics against RD's map at
 # each save (rd.position): a bounded cost, however many images train.
 POSITION_CALIBRATION_IMAGES = 64
@@ -198,7 +198,8 @@ class TrainConfig:
     ema: float = 0.0
     # a per-position normal model of the teacher's features added to the map (rd.position);
     # "auto": kept only where the normal images say the parts lie in place; "envelope": fitted
-    # with the augmented copies too, only what exceeds every normal image there counts
+    # with the augmented copies too, only what exceeds every normal image there counts;
+    # "adaptive": "auto"'s statistics where the parts lie in place, the envelope elsewhere
     position_stats: bool | str = False
     # ... and in the image score: the larger of RD's and theirs, each against the most
     # surprising normal training image (needs position_stats)
@@ -243,8 +244,8 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
             (self.workers >= 0, "--workers must be 0 or more"),
             (isinstance(self.position_stats, bool) or self.position_stats in POSITION_MODES,
-             f"--position-stats is on, off, {' or '.join(POSITION_MODES)}, got "
-             f"{self.position_stats!r}"),
+             f"--position-stats is on, off, {', '.join(POSITION_MODES[:-1])} or "
+             f"{POSITION_MODES[-1]}, got {self.position_stats!r}"),
             (self.position_stats or not self.position_score,
              "--position-score scores with the position statistics: add --position-stats"),
             (self.position_stats != "envelope" or not self.position_score,
@@ -728,34 +729,49 @@ def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
     """Fit the position statistics (rd.position) on the squashed normal training images;
     ``score``: they count in the image score too (--position-score); ``mode`` "auto": kept
     only if the parts lie in place (``rd.position.in_place_decision``); "envelope": fitted with
-    each image's copies by the augmentation's kept ``transforms`` too, as an envelope. Returns
-    the checkpoint metadata: ``position_stats`` when kept, and with ``auto`` the decision as
-    ``position_auto``."""
+    each image's copies by the augmentation's kept ``transforms`` too, as an envelope;
+    "adaptive": as "auto", with the envelope (and RD's score) where the parts do not lie in
+    place. Returns the checkpoint metadata: ``position_stats`` when kept, and with ``auto`` or
+    ``adaptive`` the decision as ``position_auto``."""
     if mode == "envelope":
-        if len(samples) < 3:
-            raise TrainingError("--position-stats envelope needs at least three normal "
-                                f"training images (the data has {len(samples)})")
-        if transforms is None:  # no training augmentation: the copies auto would keep
-            transforms = select_transforms(model.teacher, samples, preprocess,
-                                           Geometry("squash"), TRANSFORMS, device)["kept"]
-        model.position, info = fit_envelope_statistics(
-            model.teacher, lambda: _augmented_groups(samples, preprocess, transforms), device,
-            transforms)
-        return {"position_stats": info}
+        return {"position_stats": _fit_envelope(model, samples, preprocess, device, transforms)}
     loader = DataLoader(ImageDataset(samples, preprocess), batch_size=batch_size,
                         shuffle=False, num_workers=workers)
     model.position, info = fit_position_statistics(
         model.teacher, lambda: (batch["image"] for batch in loader), preprocess.size, device)
     decision = {}
-    if mode == "auto":
+    if mode in ("auto", "adaptive"):
         decision = {"position_auto": in_place_decision(info)}
         if not decision["position_auto"]["kept"]:
             model.position = None
-            return decision
-    elif score and info["left_out_max"] is None:
+            if mode == "auto" or decision["position_auto"]["left_out_spread"] is None:
+                return decision  # (fewer than three images: no envelope either)
+            why = decision["position_auto"]["why"] + "; the envelope instead"
+            envelope = _fit_envelope(model, samples, preprocess, device, transforms)
+            return {"position_stats": envelope,
+                    "position_auto": {**decision["position_auto"], "why": why}}
+    if score and info["left_out_max"] is None:
         raise TrainingError("--position-score needs at least three normal training images "
                             f"(the data has {info['images']})")
     return {"position_stats": {**info, "score": True} if score else info, **decision}
+
+
+def _fit_envelope(model: ReverseDistillation, samples: Sequence[Sample],
+                  preprocess: Preprocess, device: torch.device,
+                  transforms: Sequence[str] | None) -> dict[str, Any]:
+    """Fit envelope statistics (--position-stats envelope) into ``model.position``, with one
+    copy of each image per transform (without training augmentation: those ``auto`` would
+    keep); returns their metadata."""
+    if len(samples) < 3:
+        raise TrainingError("--position-stats envelope needs at least three normal "
+                            f"training images (the data has {len(samples)})")
+    if transforms is None:  # no training augmentation: the copies auto would keep
+        transforms = select_transforms(model.teacher, samples, preprocess,
+                                       Geometry("squash"), TRANSFORMS, device)["kept"]
+    model.position, info = fit_envelope_statistics(
+        model.teacher, lambda: _augmented_groups(samples, preprocess, transforms), device,
+        transforms)
+    return info
 
 
 def _augmented_groups(samples: Sequence[Sample], preprocess: Preprocess,
@@ -771,31 +787,38 @@ def _augmented_groups(samples: Sequence[Sample], preprocess: Preprocess,
 
 def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
                             out: str | Path, device: str = "auto", batch_size: int = 16,
-                            score: bool = False, envelope: bool = False) -> dict[str, Any]:
+                            score: bool = False, mode: bool | str = True) -> dict[str, Any]:
     """Write ``checkpoint`` with position statistics fitted on its normal training images
-    ``samples`` to ``out``: the same checkpoint ``--position-stats`` (and ``score``:
-    ``--position-score``; ``envelope``: ``--position-stats envelope``, with the copies of the
-    transforms the checkpoint's augmentation kept) training gives, since they leave the student
-    as it is, without training again. The stored evaluation is left out (its metrics no longer
-    hold): evaluate the new checkpoint. Returns its ``position_stats`` metadata."""
+    ``samples`` to ``out``: the same checkpoint ``--position-stats [mode]`` (and ``score``:
+    ``--position-score``) training gives, since they leave the student as it is, without
+    training again; the envelope's copies are those of the transforms the checkpoint's
+    augmentation kept. ``mode`` "auto" is refused (it may fit nothing). The stored evaluation
+    is left out (its metrics no longer hold): evaluate the new checkpoint. Returns its
+    ``position_stats`` metadata."""
+    if mode not in (True, "envelope", "adaptive"):
+        raise TrainingError(f"position statistics to add are on, envelope or adaptive, got "
+                            f"{mode!r}")
+    if score and mode == "envelope":
+        raise TrainingError("--position-score does not combine with the envelope statistics")
     model, meta = load_checkpoint(checkpoint)
     if meta.get("position_stats"):
         raise TrainingError(f"{checkpoint} already has position statistics")
     device = resolve_device(device)
     model.to(device).eval()
     preprocess = Preprocess.from_dict(meta.preprocess)
-    if score and envelope:
-        raise TrainingError("--position-score does not combine with the envelope statistics")
-    fitted = _fit_position(model, samples, preprocess, batch_size, 0, device, score,
-                           mode="envelope" if envelope else True,
+    fitted = _fit_position(model, samples, preprocess, batch_size, 0, device, score, mode=mode,
                            transforms=(meta.get("augment") or {}).get("kept"))
+    if "position_stats" not in fitted:
+        raise TrainingError(f"no position statistics fitted: {fitted['position_auto']['why']}")
     calibrated = _calibrate_position(model, samples, preprocess, Geometry.from_metadata(meta),
                                      fitted, batch_size, device)
     kept = {k: v for k, v in meta.to_dict().items()
             if k not in ("metrics", "normal_scores", "created_utc", "software")}
-    recipe = {**(meta.get("recipe") or {}), "position_stats": "envelope" if envelope else True,
+    recipe = {**(meta.get("recipe") or {}), "position_stats": mode,
               **({"position_score": True} if score else {})}
-    save_checkpoint(model, out, {**kept, **calibrated, "recipe": recipe})
+    save_checkpoint(model, out, {**kept, **calibrated, "recipe": recipe,
+                                 **({"position_auto": fitted["position_auto"]}
+                                    if "position_auto" in fitted else {})})
     return calibrated["position_stats"]
 
 

@@ -81,7 +81,7 @@ def _apply_prefill(names: list[str]) -> None:
 
 # The Train page's position-statistics choices -> TrainConfig.position_stats
 POSITION_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto",
-                                           "envelope": "envelope"}
+                                           "envelope": "envelope", "adaptive": "adaptive"}
 
 
 def _beyond_paper_options() -> dict[str, str | float | bool]:
@@ -124,8 +124,9 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
             "conveyor); auto keeps it only if the normal training images say they do "
             "(recorded in the checkpoint); envelope, for parts of unknown kind, models the "
             "augmented copies too and shows only what exceeds every normal image at that "
-            "place. The image score stays the paper's unless the next box is ticked (not "
-            "with envelope).")]
+            "place; adaptive is auto with the envelope where the parts do not lie in place. "
+            "The image score stays the paper's unless the next box is ticked (not with "
+            "envelope; with adaptive, only where the parts lie in place).")]
         position_score = st.checkbox(
             "... and in the image score", key="train::position_score",
             disabled=position in (False, "envelope"),

@@ -45,10 +45,12 @@ def score_note(metadata: Any) -> str:
                 "normal images at the same place), each measured against the most surprising "
                 "normal training image. The heat map adds both.")
     if isinstance(info, Mapping) and info.get("mode") == "envelope":
+        auto = metadata.get("position_auto")  # --position-stats adaptive chose the envelope
+        why = f" ({auto['why']})" if isinstance(auto, Mapping) and auto.get("why") else ""
         return ("Score = maximum of the paper's smoothed fused map. The heat map adds where "
                 "the image exceeds, at the same place, every normal training image and its "
                 "augmented copies (this model's position envelope: faint large regions, "
-                "missing or misplaced parts), which the score leaves out.")
+                f"missing or misplaced parts), which the score leaves out{why}.")
     return ("Score = maximum of the paper's smoothed fused map. The heat map adds this "
             "model's position statistics (where the image differs from the normal images at "
             "the same place: faint large regions, misplaced parts), which the score leaves "

@@ -64,10 +64,16 @@ def add_position_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--position-score", action="store_true",
                    help="count them in the image score too (what train --position-score gives)")
-    p.add_argument("--envelope", action="store_true",
-                   help="fit them with the copies of the transforms the checkpoint's --augment "
-                   "kept and map only what exceeds every normal image there (what train "
-                   "--position-stats envelope gives)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--envelope", action="store_const", const="envelope", dest="mode",
+                      default=True,
+                      help="fit them with the copies of the transforms the checkpoint's "
+                      "--augment kept and map only what exceeds every normal image there "
+                      "(what train --position-stats envelope gives)")
+    kind.add_argument("--adaptive", action="store_const", const="adaptive", dest="mode",
+                      help="the plain statistics if the normal images say the parts lie in "
+                      "place, the envelope otherwise (what train --position-stats adaptive "
+                      "gives)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.set_defaults(func=cmd_add_position)
 
@@ -77,9 +83,10 @@ def cmd_add_position(args: argparse.Namespace) -> int:
     data = open_data(args)
     info = add_position_statistics(args.checkpoint, data.train_samples(), args.out,
                                    args.device, score=args.position_score,
-                                   envelope=args.envelope)
+                                   mode=args.mode)
     scored = f", score weight {info['score_weight']:.4g}" if info.get("score") else ""
-    print(f"wrote {args.out}: position statistics of {info['images']} normal images, "
+    kind = "position envelope" if info.get("mode") == "envelope" else "position statistics"
+    print(f"wrote {args.out}: {kind} of {info['images']} normal images, "
           f"weight {info['weight']:.4g}{scored} (evaluate it for its metrics and thresholds)")
     return 0
 

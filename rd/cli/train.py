@@ -70,7 +70,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "half-life in epochs (e.g. 1) instead of the last weights, which a "
                         "loss spike may have thrown off; default 0 = off (the paper)")
     beyond.add_argument("--position-stats", nargs="?", const=True, default=None,
-                        type=_position_stats, metavar="auto|envelope",
+                        type=_position_stats, metavar="auto|envelope|adaptive",
                         help="for parts that lie in place: add a per-position normal model "
                         "of the teacher's features to the map (large faint regions, misplaced "
                         "parts); the image score stays the paper's unless --position-score; "
@@ -78,7 +78,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "say the parts lie in place (recorded in the checkpoint); "
                         "'--position-stats envelope' fits them with the --augment copies too and "
                         "maps only what exceeds every normal image there, for parts of unknown "
-                        "kind; default off")
+                        "kind; '--position-stats adaptive' is auto with the envelope where the "
+                        "parts do not lie in place; default off")
     beyond.add_argument("--no-position-stats", dest="position_stats", action="store_const",
                         const=False, help="no position statistics (over a --preset)")
     beyond.add_argument("--position-score", action=argparse.BooleanOptionalAction,

@@ -581,3 +581,47 @@ def test_envelope_refuses_the_position_score(tiny_mvtec, capsys) -> None:
         main(["train", "--data", str(tiny_mvtec.root), "--category", tiny_mvtec.category,
               "--out", "never.safetensors", "--position-stats", "sometimes"])
     assert "'envelope'" in capsys.readouterr().err
+
+
+# --position-stats adaptive: auto's plain statistics where the parts lie in place, the envelope
+# elsewhere
+
+
+@pytest.mark.parametrize("max_spread", [0.0, 100.0])
+def test_adaptive_fits_the_envelope_where_auto_would_leave_the_statistics_out(
+        tiny_mvtec, tmp_path, monkeypatch, max_spread) -> None:
+    """Kept, the checkpoint is the --position-stats one (the score as asked); left out, it
+    carries the envelope instead, the score stays RD's, and the decision says so."""
+    monkeypatch.setattr("rd.position.IN_PLACE_MAX_SPREAD", max_spread)
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    config = TrainConfig(image_size=SIZE, epochs=1, batch_size=4, device="cpu",
+                         augment="hflip", position_stats="adaptive", position_score=True)
+    out = tmp_path / "adaptive.safetensors"
+    train(category.train_samples(), config, out, progress=False)
+    meta = read_metadata(out)
+    decision, info = meta["position_auto"], meta["position_stats"]
+    assert meta["recipe"]["position_stats"] == "adaptive"
+    model, _ = load_checkpoint(out)
+    if max_spread == 0.0:
+        assert decision["kept"] is False and decision["why"].endswith("the envelope instead")
+        assert info["mode"] == "envelope" and info["transforms"] == ["hflip"]
+        assert model.position.envelope and model.position.score_weight is None
+    else:
+        assert decision["kept"] is True and "mode" not in info and info["score"] is True
+        assert not model.position.envelope and model.position.score_weight > 0
+
+
+def test_adaptive_added_to_a_trained_checkpoint_equals_training_with_it(
+        tiny_mvtec, tmp_path, monkeypatch) -> None:
+    """add-position-stats --adaptive decides as training does and writes its tensors."""
+    monkeypatch.setattr("rd.position.IN_PLACE_MAX_SPREAD", 0.0)  # the envelope branch
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    options = dict(image_size=SIZE, epochs=1, batch_size=4, device="cpu", augment="hflip")
+    student, trained = tmp_path / "student.safetensors", tmp_path / "trained.safetensors"
+    train(category.train_samples(), TrainConfig(**options), student, progress=False)
+    train(category.train_samples(), TrainConfig(**options, position_stats="adaptive"), trained,
+          progress=False)
+    _assert_added_equals_trained(student, trained, category, tmp_path / "added.safetensors",
+                                 "--adaptive")
+    assert read_metadata(tmp_path / "added.safetensors")["position_auto"] == (
+        read_metadata(trained)["position_auto"])

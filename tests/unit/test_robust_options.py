@@ -34,14 +34,15 @@ def test_flags_reach_the_config_and_its_recipe() -> None:
         "position_stats"] == "auto"
 
 
-def test_position_stats_are_on_off_auto_or_envelope(capsys) -> None:
+def test_position_stats_are_on_off_auto_envelope_or_adaptive(capsys) -> None:
     with pytest.raises(SystemExit):
         config_of("--position-stats", "always")
-    assert "'auto', 'envelope' or nothing" in capsys.readouterr().err
-    with pytest.raises(TrainingError, match="on, off, auto or envelope"):
+    assert "'auto', 'envelope', 'adaptive' or nothing" in capsys.readouterr().err
+    with pytest.raises(TrainingError, match="on, off, auto, envelope or adaptive"):
         TrainConfig(position_stats="yes").validate()
     assert TrainConfig.from_dict({"position_stats": "auto"}).position_stats == "auto"
-    with pytest.raises(TrainingError, match="on, off, auto or envelope"):
+    assert config_of("--position-stats", "adaptive", "--position-score").position_score
+    with pytest.raises(TrainingError, match="on, off, auto, envelope or adaptive"):
         TrainConfig.from_dict({"position_stats": 1})
 
 
