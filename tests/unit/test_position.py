@@ -625,3 +625,23 @@ def test_adaptive_added_to_a_trained_checkpoint_equals_training_with_it(
                                  "--adaptive")
     assert read_metadata(tmp_path / "added.safetensors")["position_auto"] == (
         read_metadata(trained)["position_auto"])
+
+
+def test_adaptive_with_two_images_leaves_the_statistics_out_as_auto_does(tiny_mvtec,
+                                                                         tmp_path) -> None:
+    """Too few images to judge, or to fit an envelope: the checkpoint is RD's, and says why;
+    adding them afterwards, which would add nothing, is refused with that reason."""
+    from rd.training import TrainingError, add_position_statistics
+
+    samples = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category).train_samples()[:2]
+    out = tmp_path / "two.safetensors"
+    train(samples, TrainConfig(image_size=SIZE, epochs=1, batch_size=2, device="cpu",
+                               position_stats="adaptive"), out, progress=False)
+    meta = read_metadata(out)
+    assert "position_stats" not in meta and load_checkpoint(out)[0].position is None
+    assert "three normal training images" in meta["position_auto"]["why"]
+    with pytest.raises(TrainingError, match=r"no position statistics fitted: .*three normal"):
+        add_position_statistics(out, samples, tmp_path / "x.safetensors", "cpu",
+                                mode="adaptive")
+    with pytest.raises(TrainingError, match="on, envelope or adaptive, got 'auto'"):
+        add_position_statistics(out, samples, tmp_path / "x.safetensors", "cpu", mode="auto")
