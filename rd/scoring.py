@@ -34,11 +34,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from rd.data import IMAGE_SUFFIXES, DataError, Preprocess, read_image
+from rd.data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    Preprocess,
+    decode_pixels,
+    image_file_bytes,
+    read_image,
+)
 from rd.detector import Detector, is_defective
 from rd.files import atomic_write
 from rd.outputs import check_outputs, mirrored_outputs
-from rd.results import ResultsStore, image_digest
+from rd.results import ResultsStore, bytes_digest
 from rd.runtime import OnnxDetector
 from rd.visualize import colorize, overlay
 
@@ -138,11 +145,12 @@ class _ImageFiles(Dataset):
         size = self.preprocess.size
         started = time.perf_counter()
         try:
-            image = read_image(self.paths[index])
-            tensor = np.asarray(image) if self.native else self.preprocess.pixels(image)
-            digest = image_digest(self.paths[index]) if self.digests else ""
+            data = image_file_bytes(self.paths[index])  # one read for the pixels and the digest
+            rgb = decode_pixels(data, str(self.paths[index]))
+            tensor = rgb if self.native else self.preprocess.pixels(rgb)
+            digest = bytes_digest(data) if self.digests else ""
             error = ""
-            width, height = image.size
+            height, width = rgb.shape[:2]
         except Exception as exc:  # any reader failure becomes this image's error row
             tensor = (np.zeros((1, 1, 3), np.uint8) if self.native
                       else torch.zeros(size, size, 3, dtype=torch.uint8))

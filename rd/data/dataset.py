@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from rd.data.images import DataError, read_image, read_mask
+from rd.data.images import DataError, read_mask, read_pixels
 from rd.data.mvtec import Sample
 from rd.data.transforms import Preprocess, mask_to_tensor
 
@@ -26,13 +25,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read(self, sample: Sample) -> tuple[Image.Image, np.ndarray | None]:
-        """Decode the image and its mask, checking the two match in size."""
-        image = read_image(sample.path)
+    def _read(self, sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decode the image (RGB pixels) and its mask, checking the two match in size."""
+        image = read_pixels(sample.path)
         if sample.mask_path is None:
             return image, None
         mask = read_mask(sample.mask_path)
-        image_hw = (image.height, image.width)
+        image_hw = image.shape[:2]
         if mask.shape != image_hw:
             raise DataError(
                 f"{sample.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} (h x w) but image "

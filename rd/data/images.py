@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +33,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 ImageSource = str | Path | Image.Image | np.ndarray
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class DataError(RDError, ValueError):
@@ -89,6 +91,12 @@ def _decode(image: Image.Image, name: str, max_pixels: int | None, upload: bool 
     return ImageOps.exif_transpose(image)
 
 
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        problem = "is a folder, not an image file" if path.is_dir() else "file not found"
+        raise _fail(str(path), problem, "check the path")
+
+
 def _open(source: str | Path | Image.Image, max_pixels: int | None
           ) -> tuple[Image.Image, str]:
     """Open and fully decode a path or PIL image; returns (image, name for messages)."""
@@ -96,11 +104,8 @@ def _open(source: str | Path | Image.Image, max_pixels: int | None
         name = getattr(source, "filename", "") or "<PIL image>"
         return _decode(source, name, max_pixels), name
     path = Path(source)
-    name = str(path)
-    if not path.is_file():
-        problem = "is a folder, not an image file" if path.is_dir() else "file not found"
-        raise _fail(name, problem, "check the path")
-    return _open_file(path, name, max_pixels), name
+    _check_file(path)
+    return _open_file(path, str(path), max_pixels), str(path)
 
 
 def _open_file(file: Path | BinaryIO, name: str, max_pixels: int | None,
@@ -135,6 +140,59 @@ def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> I
     limit = pixel_limit(upload=True) if max_pixels is None else max_pixels
     return read_image(_open_file(io.BytesIO(data), name, limit, upload=max_pixels is None),
                       limit)
+
+
+def image_file_bytes(path: str | Path) -> bytes:
+    """An image file's bytes, for ``decode_pixels`` (and its digest, from the same read)."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _fail(str(path), f"cannot be read ({exc.strerror or exc})",
+                    "check its permissions") from exc
+
+
+def _plain_png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG that TorchCodec's libpng turns into exactly ``read_image``'s
+    pixels: 8-bit grey or RGB, no EXIF (orientation). Alpha, palettes and 16 bits go through
+    PIL's conversions."""
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    if depth != 8 or colour not in (0, 2) or b"eXIf" in data:
+        return None
+    return width, height
+
+
+def decode_pixels(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """``read_image`` of an image file's bytes as (H, W, 3) uint8 RGB pixels, bit for bit.
+
+    Plain 8-bit grey or RGB PNGs, the commonest inspection export, are decoded by TorchCodec
+    (libpng) without holding the GIL, where PIL's decode plus its conversion to an array cost a
+    lane beside the model 0.4-0.7 ms more per 256² image (docs/performance.md, round 19). Every
+    other file, and one libpng refuses, goes to PIL with ``read_image``'s checks and messages.
+    ``max_pixels`` as there.
+    """
+    size = _plain_png_size(data)
+    if size is not None:
+        _check_size(name, *size, max_pixels)
+        from torchcodec.decoders import decode_png  # loads torch: not for listing images
+
+        try:
+            planes = decode_png(data, mode="RGB").numpy()
+        except RuntimeError:  # corrupt or truncated: PIL's reading below says how
+            planes = None
+        if planes is not None:
+            # numpy's copy, not torch's: a torch op in a lane thread would start a thread team
+            return np.ascontiguousarray(planes.transpose(1, 2, 0))
+    return np.asarray(read_image(_open_file(io.BytesIO(data), name, max_pixels), max_pixels))
+
+
+def read_pixels(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """``read_image`` of a file as (H, W, 3) uint8 RGB pixels, bit for bit, decoded the fast
+    way where there is one (``decode_pixels``)."""
+    return decode_pixels(image_file_bytes(path), str(path), max_pixels)
 
 
 def _to_uint8(array: np.ndarray, name: str) -> np.ndarray:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from rd.data.images import ImageSource, read_image, resize_mask
+from rd.data.images import ImageSource, read_image, read_pixels, resize_mask
 from rd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 _FIELDS = ("size", "mean", "std")
@@ -45,7 +46,16 @@ class Preprocess:
 
     def pixels(self, image: ImageSource) -> torch.Tensor:
         """The resized 8-bit RGB pixels, (size, size, 3) uint8: a quarter of the float tensor's
-        bytes, so a decoding worker hands batches over cheaply (``normalize`` finishes them)."""
+        bytes, so a decoding worker hands batches over cheaply (``normalize`` finishes them).
+
+        A file is decoded by ``read_pixels``; RGB pixels already at the size are used as they
+        are (resizing to the same size changes nothing).
+        """
+        if isinstance(image, str | Path):
+            image = read_pixels(image)
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8 \
+                and image.shape == (self.size, self.size, 3):
+            return torch.from_numpy(np.require(image, requirements=("C", "W")))
         rgb = read_image(image).resize((self.size, self.size), Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchcodec.decoders
 from PIL import Image, ImageFile
 
+import rd.data.images as images_module
 from rd.data import (
     HALF,
     IMAGENET_MEAN,
@@ -22,11 +26,13 @@ from rd.data import (
     PlainFolders,
     Preprocess,
     Sample,
+    decode_pixels,
     list_categories,
     list_images,
     mask_to_tensor,
     read_image,
     read_mask,
+    read_pixels,
 )
 from tests.conftest import FakeMVTec, make_fake_mvtec
 
@@ -230,6 +236,109 @@ def test_image_error_is_a_one_line_value_error(tmp_path: Path) -> None:
         read_image(tmp_path / "nope.png")
     assert isinstance(info.value, DataError)
     assert "\n" not in str(info.value)
+
+
+# --- read_pixels: libspng's fast path equals read_image ---------------------------------------
+
+
+def with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
+    """``png`` with one more chunk right after IHDR (8 + 25 bytes)."""
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return png[:33] + chunk + png[33:]
+
+
+def png_files(folder: Path) -> dict[str, Path]:
+    """One PNG per case the fast path must take or leave to PIL."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate: libspng knows nothing of it
+    images = {
+        "rgb": (Image.fromarray(rgb), {}),
+        "grey": (Image.fromarray(grey), {}),
+        "grey-transparency": (Image.fromarray(grey), {"transparency": 7}),
+        "rgb-transparency": (Image.fromarray(rgb), {"transparency": (1, 2, 3)}),
+        "rgba": (Image.fromarray(np.dstack([rgb, grey])), {}),
+        "grey-alpha": (Image.fromarray(np.dstack([grey, grey])), {}),
+        "palette": (Image.fromarray(rgb).quantize(17), {}),
+        "16-bit": (Image.fromarray(grey.astype(np.uint16) * 257), {}),
+        "1-bit": (Image.fromarray(grey > 128), {}),
+        "exif-rotated": (Image.fromarray(rgb), {"exif": exif.tobytes()}),
+    }
+    paths = {}
+    for name, (image, options) in images.items():
+        paths[name] = folder / f"{name}.png"
+        image.save(paths[name], **options)
+    gamma = with_chunk(paths["rgb"].read_bytes(), b"gAMA", struct.pack(">I", 100000))
+    paths["rgb-gamma"] = folder / "rgb-gamma.png"
+    paths["rgb-gamma"].write_bytes(gamma)
+    return paths
+
+
+FAST = {"rgb", "grey", "grey-transparency", "rgb-transparency", "rgb-gamma"}
+
+
+def test_read_pixels_equals_read_image_for_every_png_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TorchCodec (libpng) decodes the plain 8-bit grey and RGB files, ignoring transparency
+    and gamma as PIL's RGB does, and leaves the rest to PIL: every result is read_image's, bit
+    for bit; and the same with the fast path switched off."""
+    paths = png_files(tmp_path)
+    expected = {name: np.asarray(read_image(path)) for name, path in paths.items()}
+    decoded = []
+    real_decode = torchcodec.decoders.decode_png
+    monkeypatch.setattr(torchcodec.decoders, "decode_png",
+                        lambda data, mode: decoded.append(mode) or real_decode(data, mode=mode))
+    for name, path in paths.items():
+        decoded.clear()
+        pixels = read_pixels(path)
+        assert pixels.dtype == np.uint8 and pixels.shape == expected[name].shape, name
+        assert pixels.flags.c_contiguous, name
+        assert np.array_equal(pixels, expected[name]), name
+        assert bool(decoded) == (name in FAST), name
+    monkeypatch.setattr(images_module, "_plain_png_size", lambda data: None)
+    for name, path in paths.items():
+        assert np.array_equal(read_pixels(path), expected[name]), name
+
+
+def test_read_pixels_failures_say_what_read_image_says(tmp_path: Path) -> None:
+    """A truncated plain PNG, the size limit (checked from the header, before
+    decoding), a missing file: the messages read_image gives."""
+    path = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match=r"cut\.png: image is truncated or corrupt"):
+        read_pixels(cut)
+    with pytest.raises(ImageError, match="over the limit of 1,000; downscale it"):
+        read_pixels(path, max_pixels=1000)
+    with pytest.raises(ImageError, match=r"nope\.png: file not found; check the path"):
+        read_pixels(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="is a folder"):
+        read_pixels(tmp_path)
+    with pytest.raises(ImageError, match=r"bytes\.png: not an image"):
+        decode_pixels(b"hello", "bytes.png")
+
+
+def test_preprocess_pixels_of_a_file_or_array_at_its_size(tmp_path: Path) -> None:
+    """A file's pixels at the model's size are used as decoded, a writable copy when needed;
+    other sizes are resized as before."""
+    preprocess = Preprocess(size=16)
+    noise = np.random.default_rng(4).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "at-size.png"
+    Image.fromarray(noise).save(path)
+    assert np.array_equal(preprocess.pixels(path).numpy(), noise)
+    assert np.array_equal(preprocess.pixels(str(path)).numpy(), noise)
+    frozen = noise.copy()
+    frozen.flags.writeable = False
+    assert preprocess.pixels(frozen).numpy().flags.writeable
+    larger = np.random.default_rng(5).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(larger).save(path)
+    expected = np.array(Image.fromarray(larger).resize((16, 16), Image.Resampling.BILINEAR))
+    assert np.array_equal(preprocess.pixels(path).numpy(), expected)
 
 
 # --- masks -------------------------------------------------------------------------------------
