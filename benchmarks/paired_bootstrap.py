@@ -35,6 +35,7 @@ from rd.evaluation import predict_samples
 
 EVAL_SIZE = {name: size for name, _, size in DATASETS}
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
+TIE = 1e-9  # two AUROCs of 1.0 can differ in the last bits of their sums
 
 
 def scored(checkpoint: Path, category: MVTecCategory, eval_size: str
@@ -70,9 +71,13 @@ def compare(labels: np.ndarray, baseline: tuple[np.ndarray, ...],
     return {name: {"delta": float(observed[i]),
                    "low": float(np.percentile(spread[:, i], 2.5)),
                    "high": float(np.percentile(spread[:, i], 97.5)),
-                   "ahead": float((spread[:, i] > 0).mean()),
-                   "tied": float((spread[:, i] == 0).mean())}
+                   "ahead": float((spread[:, i] > TIE).mean()),
+                   "tied": float((abs(spread[:, i]) <= TIE).mean())}
             for i, name in enumerate(METRICS)}
+
+
+def _signed(value: float) -> str:
+    return f"{round(value, 4) + 0.0:+.4f}"  # no "-0.0000" for a rounding error below zero
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                             "resamples": args.resamples, **found,
                             "seconds": round(time.perf_counter() - started, 1)})
             rows.append([dataset, seed, len(labels)] + [
-                f"{found[m]['delta']:+.4f} [{found[m]['low']:+.4f}, {found[m]['high']:+.4f}] "
-                f"{found[m]['ahead']:.2f}" for m in METRICS])
+                f"{_signed(found[m]['delta'])} [{_signed(found[m]['low'])}, "
+                f"{_signed(found[m]['high'])}] {found[m]['ahead']:.2f}" for m in METRICS])
     print_table(f"Candidate minus baseline: observed [95 % interval] share of {args.resamples} "
                 "resamples ahead",
                 ["dataset", "seed", "test images", "image AUROC", "pixel AUROC", "AU-PRO"], rows)
