@@ -138,8 +138,8 @@ def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> I
     header before anything is decoded.
     """
     limit = pixel_limit(upload=True) if max_pixels is None else max_pixels
-    return read_image(_open_file(io.BytesIO(data), name, limit, upload=max_pixels is None),
-                      limit)
+    return _to_rgb(_open_file(io.BytesIO(data), name, limit, upload=max_pixels is None), name,
+                   limit)
 
 
 def image_file_bytes(path: str | Path) -> bytes:
@@ -186,7 +186,7 @@ def decode_pixels(data: bytes, name: str, max_pixels: int | None = None) -> np.n
         if planes is not None:
             # numpy's copy, not torch's: a torch op in a lane thread would start a thread team
             return np.ascontiguousarray(planes.transpose(1, 2, 0))
-    return np.asarray(read_image(_open_file(io.BytesIO(data), name, max_pixels), max_pixels))
+    return np.asarray(_to_rgb(_open_file(io.BytesIO(data), name, max_pixels), name, max_pixels))
 
 
 def read_pixels(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
@@ -254,7 +254,11 @@ def read_image(source: ImageSource, max_pixels: int | None = None) -> Image.Imag
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, "<array>", max_pixels)
-    image, name = _open(source, max_pixels)
+    return _to_rgb(*_open(source, max_pixels), max_pixels)
+
+
+def _to_rgb(image: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
+    """A decoded image of any mode as 8-bit RGB; ``name`` for the messages."""
     if image.mode == "RGB":
         return image
     if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):

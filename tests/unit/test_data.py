@@ -31,6 +31,7 @@ from rd.data import (
     list_images,
     mask_to_tensor,
     read_image,
+    read_image_bytes,
     read_mask,
     read_pixels,
 )
@@ -321,6 +322,17 @@ def test_read_pixels_failures_say_what_read_image_says(tmp_path: Path) -> None:
         read_pixels(tmp_path)
     with pytest.raises(ImageError, match=r"bytes\.png: not an image"):
         decode_pixels(b"hello", "bytes.png")
+
+
+def test_messages_from_bytes_name_the_file(tmp_path: Path) -> None:
+    """A float TIFF with NaN read from bytes (a file's, or an upload's) is refused under its
+    own name, not "<PIL image>"."""
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.full((4, 4), np.nan, dtype=np.float32)).save(path)
+    with pytest.raises(ImageError, match=r"nan\.tif: float image has NaN"):
+        read_pixels(path)
+    with pytest.raises(ImageError, match=r"^upload\.tif: float image has NaN"):
+        read_image_bytes(path.read_bytes(), "upload.tif")
 
 
 def test_preprocess_pixels_of_a_file_or_array_at_its_size(tmp_path: Path) -> None:
