@@ -1,7 +1,7 @@
 """Is one recipe's checkpoint really better than another's on a test set? A paired bootstrap.
 
 The study's differences between recipes (``benchmarks.robust_study``) are often a few
-thousandths of pixel AUROC or AU-PRO on test sets of 40–110 images, and a second seed moves
+thousandths of pixel AUROC or AU-PRO on test sets of 20–37 images, and a second seed moves
 them as much. This script scores two checkpoints of each dataset and seed on the same test
 images, then resamples the test images with replacement (normal and defective images apart, so
 every resample has both classes in the test set's proportions) and recomputes both models'
@@ -19,21 +19,19 @@ ahead. An interval that holds 0 means the test set cannot tell the two apart.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import print_table
-from benchmarks.robust_study import DATASETS, prepare
+from benchmarks.common import print_table, write_json
+from benchmarks.robust_study import EVAL_SIZE, prepare
 from rd import metrics
 from rd.data import MVTecCategory
 from rd.detector import load
 from rd.evaluation import predict_samples
 
-EVAL_SIZE = {name: size for name, _, size in DATASETS}
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 TIE = 1e-9  # two AUROCs of 1.0 can differ in the last bits of their sums
 
@@ -115,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"Candidate minus baseline: observed [95 % interval] share of {args.resamples} "
                 "resamples ahead",
                 ["dataset", "seed", "test images", "image AUROC", "pixel AUROC", "AU-PRO"], rows)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {args.json}")
+    write_json(args.json, {"comparisons": results})
     return 0
 
 

@@ -27,15 +27,13 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from benchmarks.common import print_table
-from benchmarks.robust_study import DATASETS, prepare
+from benchmarks.robust_study import EVAL_SIZE, prepare
 from rd.checkpoints import load_checkpoint, read_metadata
 from rd.data import ImageDataset, MVTecCategory, Preprocess, Sample
 from rd.detector import load
 from rd.evaluation import evaluate
 from rd.position import fit_position_statistics, in_place_decision
 from rd.training import add_position_statistics
-
-EVAL_SIZE = {name: size for name, _, size in DATASETS}
 
 
 def _metrics(report: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ DATASETS = [
     ("transistor", "mvtec", "model"),
 ]
 SQUARE = {"hazelnut", "transistor", "hex_nut", "wood"}
+EVAL_SIZE = {name: size for name, _, size in DATASETS}
 # Rows: name -> TrainConfig options. The non-square categories are tiled at native scale. The
 # MVTec subset's images are 256² (MVTec's 1024² photos, resized), and TILE_SCALE's 0.5 there
 # makes the "tiles" one half-scale view of the image (128² in a padded 256² input), not tiles;
