@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import BinaryIO
 
+import imagecodecs
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -154,9 +155,9 @@ def image_file_bytes(path: str | Path) -> bytes:
 
 
 def _plain_png_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a PNG that TorchCodec's libpng turns into exactly ``read_image``'s
-    pixels: 8-bit grey or RGB, no EXIF (orientation). Alpha, palettes and 16 bits go through
-    PIL's conversions."""
+    """(width, height) of a PNG that libspng turns into exactly ``read_image``'s pixels: 8-bit
+    grey or RGB, no EXIF (orientation). Alpha, palettes and 16 bits go through PIL's
+    conversions."""
     if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
@@ -168,24 +169,21 @@ def _plain_png_size(data: bytes) -> tuple[int, int] | None:
 def decode_pixels(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
     """``read_image`` of an image file's bytes as (H, W, 3) uint8 RGB pixels, bit for bit.
 
-    Plain 8-bit grey or RGB PNGs, the commonest inspection export, are decoded by TorchCodec
-    (libpng) without holding the GIL, where PIL's decode plus its conversion to an array cost a
-    lane beside the model 0.4-0.7 ms more per 256² image (docs/performance.md, round 19). Every
-    other file, and one libpng refuses, goes to PIL with ``read_image``'s checks and messages.
-    ``max_pixels`` as there.
+    Plain 8-bit grey or RGB PNGs, the commonest inspection export, are decoded by libspng
+    (imagecodecs) without holding the GIL, where PIL's decode plus its conversion to an array
+    cost a lane beside the model 0.7-1.1 ms more per 256² image (docs/performance.md, rounds 19
+    and 20). Every other file, and one libspng refuses, goes to PIL with ``read_image``'s
+    checks and messages. ``max_pixels`` as there.
     """
     size = _plain_png_size(data)
     if size is not None:
         _check_size(name, *size, max_pixels)
-        from torchcodec.decoders import decode_png  # loads torch: not for listing images
-
         try:
-            planes = decode_png(data, mode="RGB").numpy()
-        except RuntimeError:  # corrupt or truncated: PIL's reading below says how
-            planes = None
-        if planes is not None:
-            # numpy's copy, not torch's: a torch op in a lane thread would start a thread team
-            return np.ascontiguousarray(planes.transpose(1, 2, 0))
+            pixels = imagecodecs.spng_decode(data)
+        except imagecodecs.SpngError:  # corrupt or truncated: PIL's reading below says how
+            pixels = None
+        if pixels is not None:  # grey as PIL's RGB conversion makes it: the level thrice
+            return pixels if pixels.ndim == 3 else np.repeat(pixels[:, :, None], 3, axis=2)
     return np.asarray(_to_rgb(_open_file(io.BytesIO(data), name, max_pixels), name, max_pixels))
 
 
