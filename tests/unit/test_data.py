@@ -242,26 +242,26 @@ def test_image_error_is_a_one_line_value_error(tmp_path: Path) -> None:
 # --- read_pixels: libspng's fast path equals read_image ---------------------------------------
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
     """``png`` with one more chunk right after IHDR (8 + 25 bytes)."""
-    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return png[:33] + chunk + png[33:]
+    return png[:33] + png_chunk(kind, body) + png[33:]
 
 
 def interlaced_png(rgb: np.ndarray) -> bytes:
     """An Adam7-interlaced 8-bit RGB PNG (PIL writes none), every row unfiltered."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body)))
-
     height, width = rgb.shape[:2]
     passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
               (0, 1, 1, 2)]
     raw = b"".join(b"\0" + row.tobytes() for x, y, dx, dy in passes
                    for row in rgb[y::dy, x::dx] if row.size)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
 
 
 def png_files(folder: Path) -> dict[str, Path]:
@@ -321,6 +321,37 @@ def test_read_pixels_equals_read_image_for_every_png_kind(
     monkeypatch.setattr(images_module, "_plain_png_size", lambda data: None)
     for name, path in paths.items():
         assert np.array_equal(read_pixels(path), expected[name]), name
+
+
+def test_corrupt_plain_pngs_read_as_read_image_reads_them(tmp_path: Path) -> None:
+    """Bytes of a plain RGB PNG changed at random, or cut short: read_pixels refuses the file
+    exactly when read_image does, with the same message, and otherwise gives its pixels (PIL
+    does not check IDAT's CRC, libspng does; such a file goes to PIL)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 24, 3), np.uint8)
+    source = tmp_path / "source.png"
+    Image.fromarray(pixels).save(source)
+    data = source.read_bytes()
+    path = tmp_path / "x.png"
+    outcomes = set()
+    for _ in range(150):
+        changed = bytearray(data)
+        for position in rng.integers(26, len(data), rng.integers(1, 4)):
+            changed[position] = rng.integers(0, 256)
+        if rng.random() < 0.2:
+            changed = changed[: rng.integers(40, len(changed))]
+        path.write_bytes(bytes(changed))
+        try:
+            expected = np.asarray(read_image(path))
+        except ImageError as error:
+            with pytest.raises(ImageError) as refused:
+                read_pixels(path)
+            assert str(refused.value) == str(error)
+            outcomes.add("refused")
+        else:
+            assert np.array_equal(read_pixels(path), expected)
+            outcomes.add("read")
+    assert outcomes == {"refused", "read"}  # both branches ran
 
 
 def test_read_pixels_failures_say_what_read_image_says(tmp_path: Path) -> None:
