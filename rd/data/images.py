@@ -170,10 +170,10 @@ def decode_pixels(data: bytes, name: str, max_pixels: int | None = None) -> np.n
     """``read_image`` of an image file's bytes as (H, W, 3) uint8 RGB pixels, bit for bit.
 
     Plain 8-bit grey or RGB PNGs, the commonest inspection export, are decoded by libspng
-    (imagecodecs) without holding the GIL, where PIL's decode plus its conversion to an array
-    cost a lane beside the model 0.7-1.1 ms more per 256² image (docs/performance.md, rounds 19
-    and 20). Every other file, and one libspng refuses, goes to PIL with ``read_image``'s
-    checks and messages. ``max_pixels`` as there.
+    (imagecodecs) without holding the GIL: 1.4-1.5x PIL's decode plus its conversion to an
+    array, in one thread or two (benchmarks/decoding.py; docs/performance.md, round 20). Every
+    other file, and one libspng refuses, goes to PIL with ``read_image``'s checks and messages.
+    ``max_pixels`` as there.
     """
     size = _plain_png_size(data)
     if size is not None:
