@@ -21,11 +21,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rd.alignment import AlignedStatistics
 from rd.backbones import RANDOM_TEACHER, get_backbone, torch_load_problem
 from rd.data.transforms import Preprocess
 from rd.errors import RDError
 from rd.files import atomic_write
-from rd.model import ReverseDistillation, build_model
+from rd.model import FITTED_PREFIXES, ReverseDistillation, build_model
 from rd.position import PositionStatistics
 from rd.version import __version__
 
@@ -269,6 +270,7 @@ def load_checkpoint(path: str | Path, teacher_weights: str | Path | None = None,
         raise CheckpointError(_unreadable(path, error)) from None
     tensors = _load_adapted_teacher(model, tensors, meta, path)
     tensors = _load_position(model, tensors, meta, path)
+    tensors = _load_aligned(model, tensors, meta, path)
     load_student(model, tensors, str(path))
     return model, meta
 
@@ -310,6 +312,24 @@ def _load_position(model: ReverseDistillation, tensors: dict[str, torch.Tensor],
     return {k: v for k, v in tensors.items() if not k.startswith("position.")}
 
 
+def _load_aligned(model: ReverseDistillation, tensors: dict[str, torch.Tensor],
+                  meta: Mapping[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Attach the aligned statistics a checkpoint carries (rd.alignment); returns the other
+    tensors."""
+    if not meta.get("aligned_stats"):
+        return tensors  # stray aligned.* tensors are then refused by load_student
+    aligned = {k[len("aligned."):]: v for k, v in tensors.items() if k.startswith("aligned.")}
+    try:
+        statistics = AlignedStatistics(int(aligned["template"].shape[-1]))
+        statistics.load_state_dict(aligned, strict=True)
+    except (KeyError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: its aligned statistics are missing or damaged: "
+                              f"{first}") from None
+    model.aligned = statistics.to(next(model.parameters()).device)
+    return {k: v for k, v in tensors.items() if not k.startswith("aligned.")}
+
+
 def _score_weight(info: Any, path: Path) -> float | None:
     """``score_weight`` of a checkpoint trained with --position-score (rd.position), else None
     (the image score is RD's own, as before that option)."""
@@ -343,9 +363,9 @@ def load_student(model: ReverseDistillation, tensors: Mapping[str, torch.Tensor]
 
 
 def _fitted_state(model: ReverseDistillation) -> dict[str, torch.Tensor]:
-    """What the model holds besides the student: the teacher and position statistics."""
-    return {k: v for k, v in model.state_dict().items()
-            if k.startswith(("teacher.", "position."))}
+    """What the model holds besides the student: the teacher, position and aligned
+    statistics."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith(FITTED_PREFIXES)}
 
 
 # ------------------------------------------------------------------- reference checkpoints

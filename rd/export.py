@@ -87,6 +87,10 @@ def export_onnx(detector: Detector, out: str | Path, opset: int = DEFAULT_OPSET)
                           f"its graph takes {detector.geometry.mode} inputs one by one: export "
                           "works for --position-stats with --resize squash; predict with "
                           "--runtime torch")
+    if detector.model.aligned is not None:
+        raise ExportError("this checkpoint's aligned statistics register each image by turning "
+                          "it and phase correlation, which the ONNX graph does not carry: "
+                          "predict with --runtime torch")
     graph = InferenceGraph(detector).eval()
     size = detector.image_size
     example = torch.zeros(2, 3, size, size, device=detector.device)

@@ -235,7 +235,8 @@ def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Prepr
     ``squash`` upsamples the paper's S×S maps; ``letterbox`` crops the padding away;
     ``tile`` stitches the tiles' per-layer maps (overlaps averaged) before fusing and blurring;
     ``multiscale`` adds the whole image's view (see the module's notes). Position statistics
-    (rd.position), when the model has them, add their map; the score stays RD's.
+    (rd.position) and aligned statistics (rd.alignment), when the model has them, add their
+    maps; the score stays RD's (with --position-score, or the position statistics').
     """
     rgb = read_image(image)
     device = device or next(model.parameters()).device
@@ -275,6 +276,8 @@ def predict_native(model: torch.nn.Module, image: ImageSource, preprocess: Prepr
         fused = fused + position_map
         if position_score is not None:  # --position-score
             score = max(score, position_score)
+    if getattr(model, "aligned", None) is not None:  # rd.alignment
+        fused = fused + _aligned_map(model, rgb, preprocess, device)
     return NativeMaps(layers, fused, score)
 
 
@@ -290,6 +293,16 @@ def _position_map(model: torch.nn.Module, rgb: Image.Image, preprocess: Preproce
     native = F.interpolate(square.float()[:, None], size=(rgb.height, rgb.width),
                            mode="bilinear", align_corners=False)[0, 0]
     return native, None if score is None else float(score[0])
+
+
+@torch.no_grad()
+def _aligned_map(model: torch.nn.Module, rgb: Image.Image, preprocess: Preprocess,
+                 device: torch.device) -> torch.Tensor:
+    """The aligned statistics' map (rd.alignment) at the image's size: they model the
+    squashed S×S view of the whole image, whatever the geometry."""
+    square = model.aligned(preprocess(rgb).unsqueeze(0).to(device))
+    return F.interpolate(square.float()[:, None], size=(rgb.height, rgb.width),
+                         mode="bilinear", align_corners=False)[0, 0]
 
 
 # ------------------------------------------------------------------------------ training

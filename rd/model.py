@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rd.alignment import AlignedStatistics
 from rd.bottleneck import OCBE
 from rd.decoder import Decoder
 from rd.maps import fuse, gaussian_blur, image_scores, layer_maps
@@ -18,6 +19,8 @@ from rd.teacher import Teacher, build_network, build_teacher, count_parameters
 # reference code (its ResNet-50 decoder is built from layers [3, 4, 6]: the parameter counts of
 # REFERENCE.md §1 confirm it).
 STUDENT_BLOCKS = {"basic": (2, (2, 2, 2)), "bottleneck": (3, (3, 4, 6))}
+# what the model holds besides the student, fitted or rebuilt rather than trained
+FITTED_PREFIXES = ("teacher.", "position.", "aligned.")
 
 
 @dataclass
@@ -25,7 +28,7 @@ class Prediction:
     """What one forward pass yields for a batch, all at the input resolution."""
 
     layer_maps: torch.Tensor  # (N, 3, H, W) unsmoothed 1 - cos per layer
-    fused: torch.Tensor  # (N, H, W) fused and smoothed (+ position statistics: rd.position)
+    fused: torch.Tensor  # (N, H, W) fused and smoothed (+ rd.position's, rd.alignment's maps)
     scores: torch.Tensor  # (N,) max of RD's smoothed fused map (rd.position: or more)
 
 
@@ -41,6 +44,8 @@ class ReverseDistillation(nn.Module):
                                final_relu=spec.decoder_final_relu)
         # --position-stats (rd.position): fitted on the normal images, None for the paper
         self.position: PositionStatistics | None = None
+        # --aligned-stats (rd.alignment): fitted on the normal images, None for the paper
+        self.aligned: AlignedStatistics | None = None
 
     def student(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Rebuild the teacher's features from their one-class embedding."""
@@ -53,12 +58,12 @@ class ReverseDistillation(nn.Module):
     def student_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable part only: the teacher is rebuilt from its own weights."""
         return {k: v for k, v in self.state_dict().items()
-                if not k.startswith(("teacher.", "position."))}
+                if not k.startswith(FITTED_PREFIXES)}
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores: the student, the teacher too once adapted (rd.adapt),
         since an adapted teacher cannot be rebuilt from its ImageNet weights, and the position
-        statistics when fitted (rd.position)."""
+        and aligned statistics when fitted (rd.position, rd.alignment)."""
         rebuilt = ("teacher.",) if self.teacher.adapted == "none" else ()
         return {k: v for k, v in self.state_dict().items() if not k.startswith(rebuilt)}
 
@@ -82,6 +87,8 @@ class ReverseDistillation(nn.Module):
             smoothed = smoothed + position_map
             if position_scores is not None:
                 scores = torch.maximum(scores, position_scores)
+        if self.aligned is not None:  # the image score stays RD's (rd.alignment)
+            smoothed = smoothed + self.aligned(images)
         return Prediction(maps, smoothed, scores)
 
 

@@ -68,10 +68,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rd.adapt import ADAPT_MODES, adapt_teacher
+from rd.alignment import calibrate as calibrate_aligned
+from rd.alignment import fit_aligned_statistics
 from rd.augment import TRANSFORMS, augmentation, parse_augment, select_transforms
 from rd.backbones import DEFAULT_BACKBONE, get_backbone
 from rd.checkpoints import (
     CheckpointError,
+    CheckpointMetadata,
     load_checkpoint,
     load_student,
     save_checkpoint,
@@ -98,7 +101,7 @@ AUTO_CACHE_BYTES = 4 << 30
 STOPPED_EXIT = 75
 # TrainConfig fields beyond the paper's recipe (recorded in the recipe only when set)
 BEYOND_PAPER_OPTIONS = ("resize", "tile_scale", "teacher_adapt", "augment", "lr_schedule",
-                        "ema", "position_stats", "position_score")
+                        "ema", "position_stats", "position_score", "aligned_stats")
 # constant: the paper; cosine: the rate falls from --lr toward 0 over the epochs, so that the
 # saved student does not land on one of the loss spikes of a constant 0.005 (docs/results.md)
 LR_SCHEDULES = ("constant", "cosine")
@@ -113,6 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # --position-stats values besides on and off (rd.position)
 POSITION_MODES = ("auto", "envelope", "adaptive")
+# --aligned-stats values besides on and off (rd.alignment)
+ALIGNED_MODES = ("auto",)
 # At most this many normal training images weigh the position statistics against RD's map at
 # each save (rd.position): a bounded cost, however many images train.
 POSITION_CALIBRATION_IMAGES = 64
@@ -204,6 +209,9 @@ class TrainConfig:
     # ... and in the image score: the larger of RD's and theirs, each against the most
     # surprising normal training image (needs position_stats)
     position_score: bool = False
+    # a per-pixel colour model of the normal images registered onto one template, added to the
+    # map (rd.alignment); "auto": kept only where the registered normal images are alike
+    aligned_stats: bool | str = False
     # Speed only (issue 12; maps equal within float rounding): NHWC weights and inputs, and
     # torch.compile of the student's step. Recorded in the recipe when set.
     channels_last: bool = False
@@ -251,6 +259,8 @@ class TrainConfig:
             (self.position_stats != "envelope" or not self.position_score,
              "--position-score does not combine with --position-stats envelope (no normal image "
              "exceeds the envelope, so there is no normal maximum to weigh the scores by)"),
+            (isinstance(self.aligned_stats, bool) or self.aligned_stats in ALIGNED_MODES,
+             f"--aligned-stats is on, off or auto, got {self.aligned_stats!r}"),
         ]
         check_image_size(self.image_size)
         for ok, message in checks:
@@ -570,6 +580,12 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
                                     transforms=beyond.get("augment", {}).get("kept")))
         if "position_auto" in beyond and place.main:
             print(beyond["position_auto"]["why"], file=sys.stderr)
+    if config.aligned_stats:  # the images' own, so independent of the teacher
+        beyond.update(_fit_aligned(model, samples, preprocess, config.batch_size,
+                                   config.workers, device, mode=config.aligned_stats))
+        if place.main:
+            print(beyond.get("aligned_stats", beyond.get("aligned_auto"))["why"],
+                  file=sys.stderr)
     optimizer = torch.optim.Adam(
         [*model.bottleneck.parameters(), *model.decoder.parameters()],
         lr=config.lr, betas=config.betas)
@@ -654,8 +670,8 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
             _save_resume_state(model, optimizer, average, config, position, out)
             with _student_replaced(model, average):
-                calibrated = _calibrate_position(model, samples, preprocess, geometry,
-                                                 base_metadata, config.batch_size, device)
+                calibrated = _calibrate_fitted(model, samples, preprocess, geometry,
+                                               base_metadata, config.batch_size, device)
                 save_checkpoint(model, out, {**base_metadata, **calibrated,
                                              "epochs_trained": epoch})
             saved_epoch = epoch
@@ -715,11 +731,11 @@ def _epoch_of(line: str) -> float:
 
 def _init_from(model: ReverseDistillation, config: TrainConfig) -> None:
     """Fine-tune: start from an existing student of the same backbone and image size (its
-    position statistics, if any, are not taken: --position-stats fits them anew)."""
+    position and aligned statistics, if any, are not taken: their options fit them anew)."""
     expect = {"backbone": config.backbone, "image_size": config.image_size}
     source, _ = load_checkpoint(config.init, config.teacher_weights, expect=expect)
     model.load_state_dict({k: v for k, v in source.state_dict().items()
-                           if not k.startswith("position.")})
+                           if not k.startswith(("position.", "aligned."))})
 
 
 def _fit_position(model: ReverseDistillation, samples: Sequence[Sample],
@@ -810,36 +826,45 @@ def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
                            transforms=(meta.get("augment") or {}).get("kept"))
     if "position_stats" not in fitted:
         raise TrainingError(f"no position statistics fitted: {fitted['position_auto']['why']}")
-    calibrated = _calibrate_position(model, samples, preprocess, Geometry.from_metadata(meta),
-                                     fitted, batch_size, device)
+    recipe = {"position_stats": mode, **({"position_score": True} if score else {})}
+    return _save_refitted(model, meta, samples, preprocess, fitted, recipe, batch_size,
+                          device, out)["position_stats"]
+
+
+def _save_refitted(model: ReverseDistillation, meta: CheckpointMetadata,
+                   samples: Sequence[Sample], preprocess: Preprocess, fitted: dict[str, Any],
+                   recipe: dict[str, Any], batch_size: int, device: torch.device,
+                   out: str | Path) -> dict[str, Any]:
+    """Calibrate what was ``fitted`` onto a trained checkpoint and write it to ``out`` with
+    ``recipe`` added to the checkpoint's, its stored evaluation left out (its metrics no longer
+    hold). Returns the calibrated metadata."""
+    calibrated = _calibrate_fitted(model, samples, preprocess, Geometry.from_metadata(meta),
+                                   {**meta.to_dict(), **fitted}, batch_size, device)
     kept = {k: v for k, v in meta.to_dict().items()
             if k not in ("metrics", "normal_scores", "created_utc", "software")}
-    recipe = {**(meta.get("recipe") or {}), "position_stats": mode,
-              **({"position_score": True} if score else {})}
-    save_checkpoint(model, out, {**kept, **calibrated, "recipe": recipe,
-                                 **({"position_auto": fitted["position_auto"]}
-                                    if "position_auto" in fitted else {})})
-    return calibrated["position_stats"]
+    save_checkpoint(model, out, {**kept, **fitted, **calibrated,
+                                 "recipe": {**(meta.get("recipe") or {}), **recipe}})
+    return calibrated
 
 
 @torch.no_grad()
-def _calibrate_position(model: ReverseDistillation, samples: Sequence[Sample],
-                        preprocess: Preprocess, geometry: Geometry,
-                        metadata: Mapping[str, Any], batch_size: int, device: torch.device
-                        ) -> dict[str, Any]:
-    """Weigh the position statistics against the student as it is now, from RD's own maps
-    of up to POSITION_CALIBRATION_IMAGES normal training images, evenly spread: their mean
-    weighs the maps; with --position-score, their largest score weighs the scores. Returns the
-    checkpoint's ``position_stats`` metadata ({} without them)."""
-    statistics = model.position
-    if statistics is None:
+def _calibrate_fitted(model: ReverseDistillation, samples: Sequence[Sample],
+                      preprocess: Preprocess, geometry: Geometry,
+                      metadata: Mapping[str, Any], batch_size: int, device: torch.device
+                      ) -> dict[str, Any]:
+    """Weigh the position and aligned statistics against the student as it is now, from RD's
+    own maps of up to POSITION_CALIBRATION_IMAGES normal training images, evenly spread: their
+    mean weighs the maps; with --position-score, their largest score weighs the scores.
+    Returns the checkpoint's ``position_stats`` and ``aligned_stats`` metadata ({} without
+    them)."""
+    position, aligned = model.position, model.aligned
+    if position is None and aligned is None:
         return {}
-    info = dict(metadata["position_stats"])
     step = max(1, math.ceil(len(samples) / POSITION_CALIBRATION_IMAGES))
     chosen = list(samples)[::step]
     was_training = model.training
     model.eval()
-    model.position = None  # RD's own map
+    model.position = model.aligned = None  # RD's own map
     try:
         rd_sum, rd_max = 0.0, 0.0
         if geometry.is_paper:
@@ -856,18 +881,68 @@ def _calibrate_position(model: ReverseDistillation, samples: Sequence[Sample],
                 rd_max = max(rd_max, native.score)
         rd_mean = rd_sum / len(chosen)
     finally:
-        model.position = statistics
+        model.position, model.aligned = position, aligned
         model.train(was_training)
+    calibrated: dict[str, Any] = {}
+    if aligned is not None:
+        info = dict(metadata["aligned_stats"])
+        calibrated["aligned_stats"] = {
+            **info, "rd_mean": rd_mean, "calibration_images": len(chosen),
+            "weight": calibrate_aligned(aligned, rd_mean, info["map_mean"])}
+    if position is None:
+        return calibrated
+    info = dict(metadata["position_stats"])
     if info.get("mode") == "envelope":
-        return {"position_stats": {**info, "rd_score_max": rd_max, "calibration_images":
-                                   len(chosen), "weight": calibrate_envelope(statistics, rd_max)}}
-    calibrated = {**info, "rd_mean": rd_mean, "weight": calibrate(statistics, rd_mean,
-                                                                  info["map_mean"]),
-                  "calibration_images": len(chosen)}
+        return {**calibrated, "position_stats": {
+            **info, "rd_score_max": rd_max, "calibration_images": len(chosen),
+            "weight": calibrate_envelope(position, rd_max)}}
+    fitted = {**info, "rd_mean": rd_mean, "weight": calibrate(position, rd_mean,
+                                                              info["map_mean"]),
+              "calibration_images": len(chosen)}
     if info.get("score"):
-        calibrated.update(rd_score_max=rd_max, score_weight=calibrate_score(
-            statistics, rd_max, info["left_out_max"]))
-    return {"position_stats": calibrated}
+        fitted.update(rd_score_max=rd_max, score_weight=calibrate_score(
+            position, rd_max, info["left_out_max"]))
+    return {**calibrated, "position_stats": fitted}
+
+
+def _fit_aligned(model: ReverseDistillation, samples: Sequence[Sample],
+                 preprocess: Preprocess, batch_size: int, workers: int, device: torch.device,
+                 mode: bool | str = True) -> dict[str, Any]:
+    """Fit the aligned statistics (rd.alignment) on the squashed normal training images into
+    ``model.aligned``; ``mode`` "auto": kept only if the registered images are alike. Returns
+    the checkpoint metadata ``aligned_stats`` (with the decision), or, when left out,
+    ``aligned_auto``."""
+    if len(samples) < 3:
+        raise TrainingError("--aligned-stats needs at least three normal training images "
+                            f"(the data has {len(samples)})")
+    loader = DataLoader(ImageDataset(samples, preprocess), batch_size=batch_size,
+                        shuffle=False, num_workers=workers)
+    statistics, info = fit_aligned_statistics(
+        lambda: (batch["image"] for batch in loader), preprocess.size, preprocess.std, device)
+    if mode == "auto" and not info["alike"]:
+        model.aligned = None
+        return {"aligned_auto": {k: info[k] for k in ("median_peak", "alike", "why")}}
+    model.aligned = statistics
+    return {"aligned_stats": {**info, "mode": "auto" if mode == "auto" else "on"}}
+
+
+def add_aligned_statistics(checkpoint: str | Path, samples: Sequence[Sample],
+                           out: str | Path, device: str = "auto", batch_size: int = 16
+                           ) -> dict[str, Any]:
+    """Write ``checkpoint`` with aligned statistics (rd.alignment) fitted on its normal
+    training images ``samples`` to ``out``: the checkpoint ``--aligned-stats`` training gives,
+    since they leave the student as it is, without training again. Fitted whether or not the
+    images are alike (what ``auto`` decided is recorded). The stored evaluation is left out:
+    evaluate the new checkpoint. Returns its ``aligned_stats`` metadata."""
+    model, meta = load_checkpoint(checkpoint)
+    if meta.get("aligned_stats"):
+        raise TrainingError(f"{checkpoint} already has aligned statistics")
+    device = resolve_device(device)
+    model.to(device).eval()
+    preprocess = Preprocess.from_dict(meta.preprocess)
+    fitted = _fit_aligned(model, samples, preprocess, batch_size, 0, device)
+    return _save_refitted(model, meta, samples, preprocess, fitted, {"aligned_stats": True},
+                          batch_size, device, out)["aligned_stats"]
 
 
 def _teacher_cache(model: ReverseDistillation, dataset: ImageDataset, config: TrainConfig,

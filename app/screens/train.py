@@ -82,6 +82,8 @@ def _apply_prefill(names: list[str]) -> None:
 # The Train page's position-statistics choices -> TrainConfig.position_stats
 POSITION_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto",
                                            "envelope": "envelope", "adaptive": "adaptive"}
+# ... and its aligned-statistics choices -> TrainConfig.aligned_stats
+ALIGNED_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto"}
 
 
 def _beyond_paper_options() -> dict[str, str | float | bool]:
@@ -89,7 +91,8 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
     so the default stays the paper's recipe."""
     chosen: dict[str, str | float | bool] = {}
     with st.expander("Beyond the paper (input geometry, teacher adaptation, augmentation, "
-                     "learning-rate schedule, weight average, position statistics)"):
+                     "learning-rate schedule, weight average, position and aligned "
+                     "statistics)"):
         columns = st.columns(5)
         resize = columns[0].selectbox(
             "Input geometry", list(RESIZE_MODES), key="train::resize",
@@ -133,6 +136,16 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
             help="Scores an image by the larger of the paper's score and the position "
             "statistics', each measured against the most surprising normal training image: "
             "a large faint region then makes the image defective, not only its heat map.")
+        aligned = ALIGNED_CHOICES[st.selectbox(
+            "Aligned statistics (parts that turn and shift a little)", list(ALIGNED_CHOICES),
+            key="train::aligned_stats",
+            help="Registers each image onto the normal images' template (a turn of up to 12 "
+            "degrees and a shift) and adds a per-pixel colour model of the registered normal "
+            "images to the heat map: a bent or moved outline, a missing piece show up where "
+            "the normals have something else. auto keeps it only if the registered normal "
+            "training images are alike (not textures, nor parts that turn freely or change "
+            "shape; recorded in the checkpoint). The image score stays the paper's. Checkpoints "
+            "with it run in torch (no ONNX graph).")]
     for option, value, default in (("resize", resize, "squash"),
                                    ("teacher_adapt", adapt, "none"),
                                    ("augment", augment, "none"),
@@ -140,7 +153,8 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
                                    ("ema", float(ema), 0.0),
                                    ("position_stats", position, False),
                                    ("position_score", position not in (False, "envelope")
-                                    and position_score, False)):
+                                    and position_score, False),
+                                   ("aligned_stats", aligned, False)):
         if value != default:
             chosen[option] = value
     return chosen

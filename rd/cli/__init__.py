@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     novelty.add_parser(commands)
     checkpoints.add_export_parser(commands)
     checkpoints.add_position_parser(commands)
+    checkpoints.add_aligned_parser(commands)
     checkpoints.add_info_parser(commands)
     return parser
 

@@ -1,5 +1,5 @@
-"""Checkpoint commands: ``import-reference``, ``info``, ``export`` and
-``add-position-stats``."""
+"""Checkpoint commands: ``import-reference``, ``info``, ``export``, ``add-position-stats``
+and ``add-aligned-stats``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from rd.export import (
 )
 from rd.model import parameter_counts
 from rd.outputs import check_outputs
-from rd.training import add_position_statistics, check_image_size
+from rd.training import add_aligned_statistics, add_position_statistics, check_image_size
 
 
 def add_import_parser(commands: argparse._SubParsersAction) -> None:
@@ -88,6 +88,30 @@ def cmd_add_position(args: argparse.Namespace) -> int:
     kind = "position envelope" if info.get("mode") == "envelope" else "position statistics"
     print(f"wrote {args.out}: {kind} of {info['images']} normal images, "
           f"weight {info['weight']:.4g}{scored} (evaluate it for its metrics and thresholds)")
+    return 0
+
+
+def add_aligned_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "add-aligned-stats", help="fit aligned statistics onto a trained checkpoint",
+        description="For parts that turn and shift a little: write the checkpoint again with "
+        "a per-pixel colour model of the normal training images registered onto one template "
+        "(what train --aligned-stats gives, without training again). Evaluate the new "
+        "checkpoint afterwards: its stored metrics are left out.")
+    add_data_options(p)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    p.set_defaults(func=cmd_add_aligned)
+
+
+def cmd_add_aligned(args: argparse.Namespace) -> int:
+    check_outputs([args.out], [args.checkpoint], args.overwrite)
+    data = open_data(args)
+    info = add_aligned_statistics(args.checkpoint, data.train_samples(), args.out, args.device)
+    print(f"wrote {args.out}: aligned statistics of {info['images']} normal images, weight "
+          f"{info['weight']:.4g}; {info['why']} (evaluate it for its metrics and thresholds)")
     return 0
 
 

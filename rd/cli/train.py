@@ -12,7 +12,14 @@ from rd.backbones import DEFAULT_BACKBONE, list_backbones
 from rd.cli.common import add_data_options, open_data, print_table
 from rd.geometry import RESIZE_MODES
 from rd.pipeline import train_and_evaluate
-from rd.training import BEYOND_PAPER_OPTIONS, LR_SCHEDULES, POSITION_MODES, PRESETS, TrainConfig
+from rd.training import (
+    ALIGNED_MODES,
+    BEYOND_PAPER_OPTIONS,
+    LR_SCHEDULES,
+    POSITION_MODES,
+    PRESETS,
+    TrainConfig,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -87,6 +94,16 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="with --position-stats: score an image by the larger of the "
                         "paper's score and the position statistics', each against the most "
                         "surprising normal training image; default off")
+    beyond.add_argument("--aligned-stats", nargs="?", const=True, default=None,
+                        type=_aligned_stats, metavar="auto",
+                        help="for parts that turn and shift a little: register each image onto "
+                        "the normal images' template and add a per-pixel colour model of the "
+                        "registered normals to the map (outlines bent or moved, parts "
+                        "missing); the image score stays the paper's; '--aligned-stats auto' "
+                        "keeps it only if the registered normal images are alike (recorded in "
+                        "the checkpoint); default off")
+    beyond.add_argument("--no-aligned-stats", dest="aligned_stats", action="store_const",
+                        const=False, help="no aligned statistics (over a --preset)")
     beyond.add_argument("--preset", choices=sorted(PRESETS),
                         help="fixtured: the combination that won the study on parts that lie "
                         "in place (multiscale, augment auto, ema 1, position statistics in "
@@ -104,6 +121,12 @@ def _position_stats(value: str) -> str:
     if value not in POSITION_MODES:
         raise argparse.ArgumentTypeError(
             f"{', '.join(repr(mode) for mode in POSITION_MODES)} or nothing, got {value!r}")
+    return value
+
+
+def _aligned_stats(value: str) -> str:
+    if value not in ALIGNED_MODES:
+        raise argparse.ArgumentTypeError(f"'auto' or nothing, got {value!r}")
     return value
 
 
