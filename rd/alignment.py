@@ -149,10 +149,12 @@ class AlignedStatistics(nn.Module):
         return self.weight * self.raw_map(images)
 
     def raw_map(self, images: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor] | None
-                = None) -> torch.Tensor:
+                = None, theta: torch.Tensor | None = None) -> torch.Tensor:
         """(N, H, W): mean squared z-score over channels in the registered frame, blurred
-        (σ 4), in each image's own frame; ``moments`` (mean, std) replace the fitted ones."""
-        theta, _ = register(images, self.template)
+        (σ 4), in each image's own frame; ``moments`` (mean, std) replace the fitted ones,
+        ``theta`` the images' registration when already known."""
+        if theta is None:
+            theta, _ = register(images, self.template)
         mean, std = moments or (self.mean, self.std)
         registered = warp(images, theta)
         z = (((registered - mean) / (std + self.floor)) ** 2).mean(1)
@@ -176,10 +178,11 @@ def fit_aligned_statistics(batches: Callable[[], Iterable[torch.Tensor]], size: 
         # float64 sums: a deviation of 1 % of the values' size survives E[x²] - E[x]²
         total = torch.zeros(3, size, size, device=device, dtype=torch.float64)
         squares = torch.zeros_like(total)
-        peaks, turns, count = [], [], 0
+        peaks, turns, thetas, count = [], [], [], 0
         for batch in batches():
             batch = batch.to(device).float()
             theta, peak = register(batch, statistics.template)
+            thetas.append(theta)
             registered = warp(batch, theta).double()
             total += registered.sum(0)
             squares += (registered ** 2).sum(0)
@@ -205,7 +208,7 @@ def fit_aligned_statistics(batches: Callable[[], Iterable[torch.Tensor]], size: 
                 + ("they line up, aligned statistics kept" if alike else
                    "they do not line up (a texture, or parts that turn freely or change "
                    "shape), aligned statistics left out")),
-        "map_mean": left_out_map_mean(statistics, batches, total, squares, count)
+        "map_mean": left_out_map_mean(statistics, batches, thetas, total, squares, count)
         if count >= 3 else None,
     }
     return statistics, info
@@ -213,19 +216,20 @@ def fit_aligned_statistics(batches: Callable[[], Iterable[torch.Tensor]], size: 
 
 @torch.no_grad()
 def left_out_map_mean(statistics: AlignedStatistics,
-                      batches: Callable[[], Iterable[torch.Tensor]], total: torch.Tensor,
-                      squares: torch.Tensor, count: int) -> float:
+                      batches: Callable[[], Iterable[torch.Tensor]],
+                      thetas: list[torch.Tensor], total: torch.Tensor, squares: torch.Tensor,
+                      count: int) -> float:
     """The aligned map's mean over the normal images, each scored with the moments of the
-    others (``total`` and ``squares``: the registered images' float64 sums)."""
+    others (``thetas``: each batch's registration; ``total`` and ``squares``: the registered
+    images' float64 sums)."""
     means, seen = 0.0, 0
-    for batch in batches():
+    for batch, theta in zip(batches(), thetas, strict=True):
         batch = batch.to(total.device).float()
-        theta, _ = register(batch, statistics.template)
-        for image, registered in zip(batch, warp(batch, theta).double(), strict=True):
+        for index, registered in enumerate(warp(batch, theta).double()):
             mean = (total - registered) / (count - 1)
             std = ((squares - registered ** 2) / (count - 1) - mean ** 2).clamp_min(0).sqrt()
-            moments = (mean.float(), std.float())
-            means += float(statistics.raw_map(image[None], moments).mean())
+            means += float(statistics.raw_map(batch[index:index + 1], (mean.float(), std.float()),
+                                              theta[index:index + 1]).mean())
             seen += 1
     return means / seen
 
