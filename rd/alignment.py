@@ -7,7 +7,7 @@ outline moved, every patch still looking like a normal edge). Registered onto a 
 such parts line up, and each pixel's colour can be compared with what the normal images have
 there: a bent outline is then pixels where the normals have background.
 
-Registration: the image's grey level (channels averaged) is turned through ``ANGLES`` about its
+Registration: the image's grey level (channels averaged) is turned through ``angles()`` about its
 centre, and each turned copy is phase-correlated with the *template*, the mean registered normal
 image; the angle with the highest correlation peak, and that peak's shift, bring the image onto
 the template. In that frame each pixel's z-score against the normals' per-pixel mean and
@@ -51,13 +51,12 @@ ALIKE_MIN_PEAK = 0.2
 # the aligned map's share of RD's on normal images (docs/results.md, round 21: 0.25 and 0.5
 # compared on hex_nut; 0.5 lost wood's and hazelnut's AU-PRO)
 WEIGHT_SHARE = 0.25
-POSE_CHUNK = 4  # images registered at once (each turned ANGLES times)
 
 
-def angles(max_angle: float = MAX_ANGLE, step: float = ANGLE_STEP) -> torch.Tensor:
-    """The rotations tried, in radians, from -max_angle to +max_angle degrees."""
-    count = round(max_angle / step)
-    return torch.deg2rad(torch.arange(-count, count + 1, dtype=torch.float32) * step)
+def angles() -> torch.Tensor:
+    """The rotations tried, in radians, from -MAX_ANGLE to +MAX_ANGLE degrees."""
+    count = round(MAX_ANGLE / ANGLE_STEP)
+    return torch.deg2rad(torch.arange(-count, count + 1, dtype=torch.float32) * ANGLE_STEP)
 
 
 def _rotation(angle: torch.Tensor) -> torch.Tensor:
@@ -93,30 +92,26 @@ def _phase_correlation(template_spectrum: torch.Tensor, moving: torch.Tensor
     return dy.float(), dx.float(), peak
 
 
-def register(images: torch.Tensor, template: torch.Tensor,
-             turns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def register(images: torch.Tensor, template: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Poses that bring ``images`` (N, C, H, W) onto ``template`` (H, W): theta (N, 2, 3), the
     affine_grid matrix giving, at each position of the registered frame, where to sample the
     image; and each image's correlation peak (N,)."""
-    turns = angles() if turns is None else turns
-    turns = turns.to(images.device)
+    turns = angles().to(images.device)
     height, width = template.shape
     centred = template.float() - template.float().mean()
     template_spectrum = torch.fft.fft2(centred)
     rotations = _rotation(turns)  # (K, 2, 2)
     spin = torch.cat([rotations, rotations.new_zeros(len(turns), 2, 1)], -1)
     thetas, peaks = [], []
-    for start in range(0, len(images), POSE_CHUNK):
-        level = grey(images[start:start + POSE_CHUNK])
-        for one in level:
-            turned = _sample(one.expand(len(turns), 1, height, width), spin)[:, 0]
-            dy, dx, peak = _phase_correlation(template_spectrum, turned)
-            best = int(peak.argmax())
-            # registered[p] = turned[p - d] = image[R (p - d)]: theta = [R | -R d], d normalised
-            shift = torch.stack([dx[best] * 2 / width, dy[best] * 2 / height])
-            rotation = rotations[best]
-            thetas.append(torch.cat([rotation, -(rotation @ shift)[:, None]], 1))
-            peaks.append(peak[best])
+    for one in grey(images):  # one image at a time: its turned copies are the batch
+        turned = _sample(one.expand(len(turns), 1, height, width), spin)[:, 0]
+        dy, dx, peak = _phase_correlation(template_spectrum, turned)
+        best = int(peak.argmax())
+        # registered[p] = turned[p - d] = image[R (p - d)]: theta = [R | -R d], d normalised
+        shift = torch.stack([dx[best] * 2 / width, dy[best] * 2 / height])
+        rotation = rotations[best]
+        thetas.append(torch.cat([rotation, -(rotation @ shift)[:, None]], 1))
+        peaks.append(peak[best])
     return torch.stack(thetas), torch.stack(peaks)
 
 
@@ -236,7 +231,7 @@ def left_out_map_mean(statistics: AlignedStatistics,
 
 def calibrate(statistics: AlignedStatistics, rd_mean: float, map_mean: float) -> float:
     """Set and return the weight: ``WEIGHT_SHARE`` of RD's mean map on normal images."""
-    weight = WEIGHT_SHARE * rd_mean / map_mean if map_mean > 0 and math.isfinite(map_mean) \
-        else 0.0
+    usable = map_mean > 0 and math.isfinite(map_mean)
+    weight = WEIGHT_SHARE * rd_mean / map_mean if usable else 0.0
     statistics.weight.fill_(weight)
     return weight
