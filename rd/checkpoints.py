@@ -31,7 +31,10 @@ from rd.position import PositionStatistics
 from rd.version import __version__
 
 FORMAT = "rd4ad-student"
-FORMAT_VERSION = 1
+# The newest version this code reads. Version 2 marks checkpoints whose maps depend on what an
+# older reader would ignore without a word (--turn-average: metadata only, no tensors to refuse),
+# so older readers refuse them; every other checkpoint is written as version 1, as before.
+FORMAT_VERSION = 2
 METADATA_KEY = "rd"
 
 
@@ -196,13 +199,14 @@ def save_checkpoint(model: ReverseDistillation, path: str | Path, metadata: Mapp
                     ) -> None:
     """Write the student weights and ``metadata`` (JSON-serialisable) to ``path``."""
     meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "backbone": model.backbone,
         "teacher_weights": model.teacher.weights_id,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"rd": __version__, "torch": torch.__version__},
         **metadata,
+        # the writer's, whatever a rewritten checkpoint's metadata said
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION if metadata.get("turn_average") else 1,
     }
     tensors = {k: v.detach().to("cpu").contiguous()
                for k, v in model.checkpoint_state_dict().items()}
@@ -271,6 +275,7 @@ def load_checkpoint(path: str | Path, teacher_weights: str | Path | None = None,
     tensors = _load_adapted_teacher(model, tensors, meta, path)
     tensors = _load_position(model, tensors, meta, path)
     tensors = _load_aligned(model, tensors, meta, path)
+    model.turn_average = _turn_average(meta, path)
     load_student(model, tensors, str(path))
     return model, meta
 
@@ -328,6 +333,17 @@ def _load_aligned(model: ReverseDistillation, tensors: dict[str, torch.Tensor],
                               f"{first}") from None
     model.aligned = statistics.to(next(model.parameters()).device)
     return {k: v for k, v in tensors.items() if not k.startswith("aligned.")}
+
+
+def _turn_average(meta: Mapping[str, Any], path: Path) -> bool:
+    """Whether the checkpoint averages RD's maps over quarter turns (--turn-average)."""
+    info = meta.get("turn_average")
+    if info is None:
+        return False
+    if not isinstance(info, Mapping) or info.get("mode") not in ("on", "auto"):
+        raise CheckpointError(f"{path}: bad metadata: turn_average must be an object with mode "
+                              f"on or auto, got {info!r:.60}")
+    return True
 
 
 def _score_weight(info: Any, path: Path) -> float | None:

@@ -9,7 +9,8 @@ Graph inputs and outputs (S = the checkpoint's image size)::
     images      float32 (N, 3, S, S)  resized to S×S, scaled to [0, 1], normalised (mean, std)
     layer_maps  float32 (N, 3, S, S)  unsmoothed 1 - cos per teacher layer
     fused       float32 (N, S, S)     fused, Gaussian-smoothed anomaly map (plus the position
-                                      statistics' map when trained with them: rd.position)
+                                      statistics' map when trained with them: rd.position;
+                                      averaged over quarter turns with --turn-average)
     scores      float32 (N,)          image scores (max of RD's own smoothed map; with
                                       --position-score the position statistics' if larger)
 
@@ -70,6 +71,8 @@ def onnx_metadata(detector: Detector) -> dict[str, str]:
         "rd.position_stats": json.dumps(detector.model.position is not None),
         "rd.position_score": json.dumps(detector.model.position is not None
                                         and detector.model.position.score_weight is not None),
+        # the graph turns each image itself (--turn-average): four passes an image inside it
+        "rd.turn_average": json.dumps(detector.model.turn_average),
     }
 
 

@@ -37,7 +37,7 @@ from rd.data.dataset import ImageDataset
 from rd.data.images import ImageSource, read_image
 from rd.data.mvtec import Sample
 from rd.data.transforms import Preprocess
-from rd.maps import fuse, gaussian_blur, layer_maps
+from rd.maps import fuse, gaussian_blur
 
 RESIZE_MODES = ("squash", "letterbox", "tile", "multiscale")
 COMBINE_RULES = ("smoothed", "layers")  # multiscale: how the two views' maps are combined
@@ -201,8 +201,7 @@ def _stitched(model: torch.nn.Module, inputs: Inputs, size: int, chunk: int,
     counts = torch.zeros(1, 1, canvas_h, canvas_w, device=device)
     for start in range(0, len(inputs.images), chunk):
         batch = inputs.images[start:start + chunk].to(device)
-        features, rebuilt = model(batch)
-        maps = layer_maps(features, rebuilt, (size, size))
+        maps = model.rd_maps(batch)[1]
         for index, tile_maps in enumerate(maps):
             y, x = inputs.corners[start + index]
             total[0, :, y:y + size, x:x + size] += tile_maps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,9 @@ class ReverseDistillation(nn.Module):
         self.position: PositionStatistics | None = None
         # --aligned-stats (rd.alignment): fitted on the normal images, None for the paper
         self.aligned: AlignedStatistics | None = None
+        # --turn-average: RD's maps averaged over each image's four quarter turns (False: the
+        # paper's one pass)
+        self.turn_average = False
 
     def student(self, teacher_features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Rebuild the teacher's features from their one-class embedding."""
@@ -67,6 +71,29 @@ class ReverseDistillation(nn.Module):
         rebuilt = ("teacher.",) if self.teacher.adapted == "none" else ()
         return {k: v for k, v in self.state_dict().items() if not k.startswith(rebuilt)}
 
+    def rd_maps(self, images: torch.Tensor, amp: torch.dtype | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The teacher's features of a square batch and RD's per-layer ``1 - cos`` maps.
+
+        With ``turn_average`` each image is also scored turned by 90, 180 and 270 degrees and
+        its maps are the mean of the four, turned back: where quarter-turned normal images are
+        still normal (parts that lie at any angle), a patch the student rebuilds badly in only
+        one orientation is noise, not a defect. The features are the unturned images' (what
+        the position statistics model).
+        """
+        inputs = (torch.cat([images.rot90(k, (-2, -1)) for k in range(4)])
+                  if self.turn_average else images)
+        # without ``amp``, a caller's own autocast (Detector.predict_native) still applies
+        with (torch.autocast(images.device.type, dtype=amp) if amp is not None
+              else nullcontext()):
+            features, rebuilt = self(inputs)
+        maps = layer_maps(features, rebuilt, images.shape[-2:])
+        if not self.turn_average:
+            return features, maps
+        turns = maps.unflatten(0, (4, -1))  # (turn, N, ...): no batch size fixed in a trace
+        turned_back = sum(turns[k].rot90(-k, (-2, -1)) for k in range(4))
+        return [f.unflatten(0, (4, -1))[0] for f in features], turned_back / 4
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, fusion: str = "sum",
                 amp: torch.dtype | None = None) -> Prediction:
@@ -76,10 +103,7 @@ class ReverseDistillation(nn.Module):
         is where the time goes on a GPU; the cosine, maps, blur and score stay float32, since
         low-precision cosines of nearly equal features would round the anomaly signal away.
         """
-        with torch.autocast(images.device.type, dtype=amp or torch.bfloat16,
-                            enabled=amp is not None):
-            features, rebuilt = self(images)
-        maps = layer_maps(features, rebuilt, images.shape[-2:])
+        features, maps = self.rd_maps(images, amp)
         smoothed = gaussian_blur(fuse(maps, fusion))
         scores = image_scores(smoothed)  # RD's own, unless --position-score (rd.position)
         if self.position is not None:

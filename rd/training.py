@@ -70,7 +70,13 @@ from tqdm.auto import tqdm
 from rd.adapt import ADAPT_MODES, adapt_teacher
 from rd.alignment import calibrate as calibrate_aligned
 from rd.alignment import fit_aligned_statistics
-from rd.augment import TRANSFORMS, augmentation, parse_augment, select_transforms
+from rd.augment import (
+    TRANSFORMS,
+    augmentation,
+    judge_turns,
+    parse_augment,
+    select_transforms,
+)
 from rd.backbones import DEFAULT_BACKBONE, get_backbone
 from rd.checkpoints import (
     CheckpointError,
@@ -101,7 +107,8 @@ AUTO_CACHE_BYTES = 4 << 30
 STOPPED_EXIT = 75
 # TrainConfig fields beyond the paper's recipe (recorded in the recipe only when set)
 BEYOND_PAPER_OPTIONS = ("resize", "tile_scale", "teacher_adapt", "augment", "lr_schedule",
-                        "ema", "position_stats", "position_score", "aligned_stats")
+                        "ema", "position_stats", "position_score", "aligned_stats",
+                        "turn_average")
 # constant: the paper; cosine: the rate falls from --lr toward 0 over the epochs, so that the
 # saved student does not land on one of the loss spikes of a constant 0.005 (docs/results.md)
 LR_SCHEDULES = ("constant", "cosine")
@@ -118,6 +125,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 POSITION_MODES = ("auto", "envelope", "adaptive")
 # --aligned-stats values besides on and off (rd.alignment)
 ALIGNED_MODES = ("auto",)
+# --turn-average values besides on and off (ReverseDistillation.rd_maps, rd.augment.judge_turns)
+TURN_MODES = ("auto",)
 # At most this many normal training images weigh the position statistics against RD's map at
 # each save (rd.position): a bounded cost, however many images train.
 POSITION_CALIBRATION_IMAGES = 64
@@ -212,6 +221,9 @@ class TrainConfig:
     # a per-pixel colour model of the normal images registered onto one template, added to the
     # map (rd.alignment); "auto": kept only where the registered normal images are alike
     aligned_stats: bool | str = False
+    # RD's maps averaged over each image's four quarter turns at inference (ReverseDistillation.
+    # rd_maps); "auto": only where quarter-turned normal images stay normal (rd.augment)
+    turn_average: bool | str = False
     # Speed only (issue 12; maps equal within float rounding): NHWC weights and inputs, and
     # torch.compile of the student's step. Recorded in the recipe when set.
     channels_last: bool = False
@@ -261,6 +273,8 @@ class TrainConfig:
              "exceeds the envelope, so there is no normal maximum to weigh the scores by)"),
             (isinstance(self.aligned_stats, bool) or self.aligned_stats in ALIGNED_MODES,
              f"--aligned-stats is on, off or auto, got {self.aligned_stats!r}"),
+            (isinstance(self.turn_average, bool) or self.turn_average in TURN_MODES,
+             f"--turn-average is on, off or auto, got {self.turn_average!r}"),
         ]
         check_image_size(self.image_size)
         for ok, message in checks:
@@ -573,6 +587,12 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
             model.teacher, samples, preprocess, geometry, config.augment, device,
             log=(lambda line: print(line, file=sys.stderr)) if place.main else None)
         dataset = training_dataset(samples, preprocess, geometry, transforms)
+    if config.turn_average:  # before the statistics, which are weighed against RD's map
+        beyond.update(_decide_turn_average(model, samples, preprocess, geometry,
+                                           config.turn_average, device))
+        if place.main:
+            print(beyond.get("turn_average", beyond.get("turn_average_auto"))["why"],
+                  file=sys.stderr)
     if config.position_stats:  # the teacher's, so after its adaptation; fitted once
         beyond.update(_fit_position(model, samples, preprocess, config.batch_size,
                                     config.workers, device, config.position_score,
@@ -831,17 +851,24 @@ def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
                           device, out)["position_stats"]
 
 
+# the metadata key of what fitting each option gives, and of an ``auto`` decision against it
+_AUTO_DECISIONS = {"position_stats": "position_auto", "aligned_stats": "aligned_auto",
+                   "turn_average": "turn_average_auto"}
+
+
 def _save_refitted(model: ReverseDistillation, meta: CheckpointMetadata,
                    samples: Sequence[Sample], preprocess: Preprocess, fitted: dict[str, Any],
                    recipe: dict[str, Any], batch_size: int, device: torch.device,
                    out: str | Path) -> dict[str, Any]:
     """Calibrate what was ``fitted`` onto a trained checkpoint and write it to ``out`` with
     ``recipe`` added to the checkpoint's, its stored evaluation left out (its metrics no longer
-    hold). Returns the calibrated metadata."""
+    hold), and an earlier ``auto`` decision about what is fitted now too. Returns the calibrated
+    metadata."""
     calibrated = _calibrate_fitted(model, samples, preprocess, Geometry.from_metadata(meta),
                                    {**meta.to_dict(), **fitted}, batch_size, device)
-    kept = {k: v for k, v in meta.to_dict().items()
-            if k not in ("metrics", "normal_scores", "created_utc", "software")}
+    stale = {"metrics", "normal_scores", "created_utc", "software",
+             *(_AUTO_DECISIONS[k] for k in fitted if k in _AUTO_DECISIONS)}
+    kept = {k: v for k, v in meta.to_dict().items() if k not in stale}
     save_checkpoint(model, out, {**kept, **fitted, **calibrated,
                                  "recipe": {**(meta.get("recipe") or {}), **recipe}})
     return calibrated
@@ -943,6 +970,44 @@ def add_aligned_statistics(checkpoint: str | Path, samples: Sequence[Sample],
     fitted = _fit_aligned(model, samples, preprocess, batch_size, 0, device)
     return _save_refitted(model, meta, samples, preprocess, fitted, {"aligned_stats": True},
                           batch_size, device, out)["aligned_stats"]
+
+
+def _decide_turn_average(model: ReverseDistillation, samples: Sequence[Sample],
+                         preprocess: Preprocess, geometry: Geometry, mode: bool | str,
+                         device: torch.device) -> dict[str, Any]:
+    """Turn ``model.turn_average`` on (``mode`` True) or, with "auto", only where quarter-turned
+    normal images stay normal as the teacher sees them (rd.augment.judge_turns). Returns the
+    checkpoint metadata ``turn_average`` (the measurement and why), or ``turn_average_auto``
+    when left out."""
+    if len(samples) < 3:
+        raise TrainingError("--turn-average needs at least three normal training images "
+                            f"(the data has {len(samples)})")
+    verdict = judge_turns(model.teacher, samples, preprocess, geometry, device)
+    if mode == "auto" and not verdict["kept"]:
+        model.turn_average = False
+        return {"turn_average_auto": verdict}
+    model.turn_average = True
+    return {"turn_average": {**verdict, "mode": "auto" if mode == "auto" else "on"}}
+
+
+def add_turn_average(checkpoint: str | Path, samples: Sequence[Sample], out: str | Path,
+                     device: str = "auto", batch_size: int = 16) -> dict[str, Any]:
+    """Write ``checkpoint`` with ``--turn-average`` on to ``out`` (what training with it
+    gives, since it leaves the student as it is), its statistics weighed again against the
+    averaged map; ``samples``: its normal training images. What ``auto`` would decide is
+    recorded. The stored evaluation is left out: evaluate the new checkpoint. Returns its
+    ``turn_average`` metadata."""
+    model, meta = load_checkpoint(checkpoint)
+    if meta.get("turn_average"):
+        raise TrainingError(f"{checkpoint} already averages its maps over quarter turns")
+    device = resolve_device(device)
+    model.to(device).eval()
+    preprocess = Preprocess.from_dict(meta.preprocess)
+    fitted = _decide_turn_average(model, samples, preprocess, Geometry.from_metadata(meta),
+                                  True, device)
+    _save_refitted(model, meta, samples, preprocess, fitted, {"turn_average": True},
+                   batch_size, device, out)
+    return fitted["turn_average"]
 
 
 def _teacher_cache(model: ReverseDistillation, dataset: ImageDataset, config: TrainConfig,

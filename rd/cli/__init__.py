@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_export_parser(commands)
     checkpoints.add_position_parser(commands)
     checkpoints.add_aligned_parser(commands)
+    checkpoints.add_turn_average_parser(commands)
     checkpoints.add_info_parser(commands)
     return parser
 

@@ -1,5 +1,5 @@
-"""Checkpoint commands: ``import-reference``, ``info``, ``export``, ``add-position-stats``
-and ``add-aligned-stats``."""
+"""Checkpoint commands: ``import-reference``, ``info``, ``export``, ``add-position-stats``,
+``add-aligned-stats`` and ``add-turn-average``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ from rd.export import (
 )
 from rd.model import parameter_counts
 from rd.outputs import check_outputs
-from rd.training import add_aligned_statistics, add_position_statistics, check_image_size
+from rd.training import (
+    add_aligned_statistics,
+    add_position_statistics,
+    add_turn_average,
+    check_image_size,
+)
 
 
 def add_import_parser(commands: argparse._SubParsersAction) -> None:
@@ -112,6 +117,32 @@ def cmd_add_aligned(args: argparse.Namespace) -> int:
     info = add_aligned_statistics(args.checkpoint, data.train_samples(), args.out, args.device)
     print(f"wrote {args.out}: aligned statistics of {info['images']} normal images, weight "
           f"{info['weight']:.4g}; {info['why']} (evaluate it for its metrics and thresholds)")
+    return 0
+
+
+def add_turn_average_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "add-turn-average", help="average a trained checkpoint's maps over quarter turns",
+        description="For parts that lie at any angle: write the checkpoint again with the "
+        "paper's maps averaged over each image's four quarter turns (what train --turn-average "
+        "gives, without training again; its position or aligned statistics are weighed again "
+        "against the averaged map). Evaluate the new checkpoint afterwards: its stored "
+        "metrics are left out.")
+    add_data_options(p)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    p.set_defaults(func=cmd_add_turn_average)
+
+
+def cmd_add_turn_average(args: argparse.Namespace) -> int:
+    check_outputs([args.out], [args.checkpoint], args.overwrite)
+    data = open_data(args)
+    info = add_turn_average(args.checkpoint, data.train_samples(), args.out, args.device)
+    print(f"wrote {args.out}: maps averaged over quarter turns; auto would "
+          f"{'' if info['kept'] else 'not '}have: {info['why']} (evaluate it for its metrics "
+          "and thresholds)")
     return 0
 
 

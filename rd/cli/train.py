@@ -18,6 +18,7 @@ from rd.training import (
     LR_SCHEDULES,
     POSITION_MODES,
     PRESETS,
+    TURN_MODES,
     TrainConfig,
 )
 
@@ -104,6 +105,15 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "the checkpoint); default off")
     beyond.add_argument("--no-aligned-stats", dest="aligned_stats", action="store_const",
                         const=False, help="no aligned statistics (over a --preset)")
+    beyond.add_argument("--turn-average", nargs="?", const=True, default=None,
+                        type=_turn_average, metavar="auto",
+                        help="for parts that lie at any angle: average the paper's maps over "
+                        "each image's four quarter turns at inference (four passes an image); "
+                        "'--turn-average auto' does so only if quarter-turned normal images "
+                        "stay normal as the teacher sees them (recorded in the checkpoint); "
+                        "default off")
+    beyond.add_argument("--no-turn-average", dest="turn_average", action="store_const",
+                        const=False, help="no turn average (over a --preset)")
     beyond.add_argument("--preset", choices=sorted(PRESETS),
                         help="fixtured: the combination that won the study on parts that lie "
                         "in place (multiscale, augment auto, ema 1, position statistics in "
@@ -126,6 +136,12 @@ def _position_stats(value: str) -> str:
 
 def _aligned_stats(value: str) -> str:
     if value not in ALIGNED_MODES:
+        raise argparse.ArgumentTypeError(f"'auto' or nothing, got {value!r}")
+    return value
+
+
+def _turn_average(value: str) -> str:
+    if value not in TURN_MODES:
         raise argparse.ArgumentTypeError(f"'auto' or nothing, got {value!r}")
     return value
 
