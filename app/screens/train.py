@@ -82,8 +82,10 @@ def _apply_prefill(names: list[str]) -> None:
 # The Train page's position-statistics choices -> TrainConfig.position_stats
 POSITION_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto",
                                            "envelope": "envelope", "adaptive": "adaptive"}
-# ... and its aligned-statistics choices -> TrainConfig.aligned_stats
+# ... its aligned-statistics choices -> TrainConfig.aligned_stats
 ALIGNED_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto"}
+# ... and its turn-average choices -> TrainConfig.turn_average
+TURN_CHOICES: dict[str, bool | str] = {"off": False, "on": True, "auto": "auto"}
 
 
 def _beyond_paper_options() -> dict[str, str | float | bool]:
@@ -92,7 +94,7 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
     chosen: dict[str, str | float | bool] = {}
     with st.expander("Beyond the paper (input geometry, teacher adaptation, augmentation, "
                      "learning-rate schedule, weight average, position and aligned "
-                     "statistics)"):
+                     "statistics, turn average)"):
         columns = st.columns(5)
         resize = columns[0].selectbox(
             "Input geometry", list(RESIZE_MODES), key="train::resize",
@@ -146,6 +148,14 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
             "training images are alike (not textures, nor parts that turn freely or change "
             "shape; recorded in the checkpoint). The image score stays the paper's. Checkpoints "
             "with it run in torch (no ONNX graph).")]
+        turns = TURN_CHOICES[st.selectbox(
+            "Turn average (parts that lie at any angle)", list(TURN_CHOICES),
+            key="train::turn_average",
+            help="Scores each image also turned by 90, 180 and 270 degrees and averages the "
+            "paper's maps, turned back: what the student rebuilds badly in one orientation "
+            "only fades, a defect stays. Four passes an image. auto keeps it only if "
+            "quarter-turned normal training images still look normal to the teacher "
+            "(recorded in the checkpoint).")]
     for option, value, default in (("resize", resize, "squash"),
                                    ("teacher_adapt", adapt, "none"),
                                    ("augment", augment, "none"),
@@ -154,7 +164,8 @@ def _beyond_paper_options() -> dict[str, str | float | bool]:
                                    ("position_stats", position, False),
                                    ("position_score", position not in (False, "envelope")
                                     and position_score, False),
-                                   ("aligned_stats", aligned, False)):
+                                   ("aligned_stats", aligned, False),
+                                   ("turn_average", turns, False)):
         if value != default:
             chosen[option] = value
     return chosen

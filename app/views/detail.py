@@ -32,7 +32,21 @@ from rd.decision import is_defective
 
 def score_note(metadata: Any) -> str:
     """What a model's score is, and what its heat map shows besides (a checkpoint's
-    metadata: ``position_stats`` when trained with them, rd.position)."""
+    metadata: ``position_stats``, ``aligned_stats`` and ``turn_average`` when trained with
+    them: rd.position, rd.alignment, ReverseDistillation.rd_maps)."""
+    notes = [_position_note(metadata)]
+    if metadata.get("aligned_stats"):
+        notes.append("The heat map also adds where the image, registered onto the normal "
+                     "images' template, differs in colour from them at that place (this "
+                     "model's aligned statistics: bent or moved outlines, missing pieces), "
+                     "which the score leaves out.")
+    if metadata.get("turn_average"):
+        notes.append("The paper's maps are averaged over the image's four quarter turns "
+                     "(this model's parts lie at any angle).")
+    return " ".join(notes)
+
+
+def _position_note(metadata: Any) -> str:
     info = metadata.get("position_stats")
     if not info:
         auto = metadata.get("position_auto")

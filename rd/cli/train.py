@@ -117,8 +117,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     beyond.add_argument("--preset", choices=sorted(PRESETS),
                         help="fixtured: the combination that won the study on parts that lie "
                         "in place (multiscale, augment auto, ema 1, position statistics in "
-                        "map and score); "
-                        "robust: the one that wins everywhere, none yet (explicit flags win)")
+                        "map and score); robust: for parts of any kind, what won on every "
+                        "dataset of the study (fixtured with the position statistics "
+                        "adaptive, aligned statistics auto and turn average auto); explicit "
+                        "flags win")
     p.add_argument("--resume", action="store_true", help="continue a stopped run of --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-evaluate", action="store_true", help="skip the final test-set report")

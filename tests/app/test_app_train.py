@@ -117,8 +117,8 @@ def test_a_broken_job_is_deleted_after_confirmation(studio, jobs_root, monkeypat
 
 def test_options_beyond_the_paper_reach_the_job(studio, jobs_root, monkeypatch):
     """The folded-away options (geometry, augmentation, learning-rate schedule, weight
-    average, position statistics) go into the job's configuration when changed, and stay the
-    paper's when not."""
+    average, position and aligned statistics, turn average) go into the job's configuration
+    when changed, and stay the paper's when not."""
     monkeypatch.setenv(jobs.SLOTS_ENV["cpu"], "0")  # queued: no process is started
     at = _train_page(studio)
     at.selectbox(key="train::device").set_value("cpu")
@@ -129,10 +129,13 @@ def test_options_beyond_the_paper_reach_the_job(studio, jobs_root, monkeypatch):
     at.selectbox(key="train::position_stats").set_value("auto").run()
     assert not at.checkbox(key="train::position_score").disabled
     at.checkbox(key="train::position_score").check()
+    at.selectbox(key="train::aligned_stats").set_value("auto")
+    at.selectbox(key="train::turn_average").set_value("auto")
     at.button(key="train::start").click().run()
     assert not at.exception, [e.value for e in at.exception]
     (job,) = jobs.list_jobs()
     config = job.config
     assert (config.augment, config.lr_schedule, config.ema) == ("auto", "cosine", 1.5)
     assert config.position_stats == "auto" and config.position_score is True
+    assert (config.aligned_stats, config.turn_average) == ("auto", "auto")
     assert (config.resize, config.teacher_adapt) == ("squash", "none")  # the paper's

@@ -87,3 +87,13 @@ def test_the_score_note_says_when_the_heat_map_adds_position_statistics() -> Non
                                              "maxima spread by 0.62"}})
     assert left_out.startswith("Score = maximum of the smoothed fused map (position statistics "
                                "left out: ")
+
+
+def test_the_score_note_names_aligned_statistics_and_the_turn_average() -> None:
+    paper = score_note({})
+    both = score_note({"aligned_stats": {"weight": 2.5}, "turn_average": {"mode": "auto"}})
+    assert "aligned statistics" not in paper and "quarter turns" not in paper
+    assert both.startswith(paper)
+    assert "aligned statistics" in both and "averaged over the image's four quarter turns" in both
+    left_out = score_note({"turn_average_auto": {"kept": False}})
+    assert left_out == paper
