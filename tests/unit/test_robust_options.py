@@ -78,3 +78,14 @@ def test_position_score_needs_position_stats() -> None:
     assert "position_score" not in config_of("--position-stats").recipe()
     with pytest.raises(TrainingError, match="add --position-stats"):
         config_of("--position-score")
+
+
+def test_the_robust_preset_is_the_combination_that_won_every_dataset() -> None:
+    config = config_of("--preset", "robust")
+    assert (config.resize, config.augment, config.ema, config.position_stats,
+            config.position_score, config.aligned_stats, config.turn_average) == (
+        "multiscale", "auto", 1.0, "adaptive", True, "auto", "auto")
+    forced = config_of("--preset", "robust", "--turn-average", "--no-aligned-stats")
+    assert (forced.turn_average, forced.aligned_stats) == (True, False)
+    assert config_of("--preset", "robust", "--no-turn-average").turn_average is False
+    assert config.recipe()["turn_average"] == "auto"
