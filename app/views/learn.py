@@ -80,7 +80,9 @@ def feature_walk(model: ReverseDistillation, batch: torch.Tensor) -> dict[str, o
 
     Returns numpy arrays: ``teacher`` and ``student`` (lists of (N, C, H, W) per layer),
     ``embedding`` (N, C, h, w) and ``layer_maps`` (N, 3, S, S), the latter by the very
-    function inference uses, so the page explains the maps the detector reports.
+    function inference uses, so the page explains the maps the detector reports (for a
+    ``--turn-average`` model, the average over the image's quarter turns; the features shown
+    are the unturned image's).
     """
     if model.training:
         raise ValueError("put the model in eval mode: batch norm would use this batch's "
@@ -90,7 +92,8 @@ def feature_walk(model: ReverseDistillation, batch: torch.Tensor) -> dict[str, o
     teacher = model.teacher(images)
     embedding = model.bottleneck(teacher)
     student = model.decoder(embedding)
-    maps = layer_maps(teacher, student, images.shape[-2:])
+    maps = (model.rd_maps(images)[1] if model.turn_average
+            else layer_maps(teacher, student, images.shape[-2:]))
     return {
         "teacher": [t.float().cpu().numpy() for t in teacher],
         "student": [s.float().cpu().numpy() for s in student],

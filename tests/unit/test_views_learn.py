@@ -104,6 +104,20 @@ def test_feature_walk_maps_equal_inference(detector, tiny_mvtec):
     assert steps["embedding"].shape[0] == 2 and steps["embedding"].shape[-1] == 2  # stride 32
 
 
+def test_feature_walk_maps_of_a_turn_average_model_equal_inference(detector):
+    """A --turn-average model reports maps averaged over quarter turns: the page shows those."""
+    batch = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    detector.model.turn_average = True
+    try:
+        steps = feature_walk(detector.model, batch)
+        expected = detector.predict(batch).layer_maps
+    finally:
+        detector.model.turn_average = False
+    np.testing.assert_allclose(steps["layer_maps"], expected, atol=1e-6)
+    assert not np.allclose(steps["layer_maps"], feature_walk(detector.model, batch)["layer_maps"],
+                           atol=1e-4)
+
+
 def test_feature_walk_refuses_a_model_in_training_mode(detector):
     detector.model.train()
     try:
