@@ -839,24 +839,43 @@ def add_position_statistics(checkpoint: str | Path, samples: Sequence[Sample],
                             f"{mode!r}")
     if score and mode == "envelope":
         raise TrainingError("--position-score does not combine with the envelope statistics")
-    model, meta = load_checkpoint(checkpoint)
-    if meta.get("position_stats"):
-        raise TrainingError(f"{checkpoint} already has position statistics")
-    device = resolve_device(device)
-    model.to(device).eval()
-    preprocess = Preprocess.from_dict(meta.preprocess)
-    fitted = _fit_position(model, samples, preprocess, batch_size, 0, device, score, mode=mode,
-                           transforms=(meta.get("augment") or {}).get("kept"))
-    if "position_stats" not in fitted:
-        raise TrainingError(f"no position statistics fitted: {fitted['position_auto']['why']}")
+
+    def fit(model: ReverseDistillation, meta: CheckpointMetadata, preprocess: Preprocess,
+            target: torch.device) -> dict[str, Any]:
+        fitted = _fit_position(model, samples, preprocess, batch_size, 0, target, score,
+                               mode=mode, transforms=(meta.get("augment") or {}).get("kept"))
+        if "position_stats" not in fitted:
+            raise TrainingError(f"no position statistics fitted: "
+                                f"{fitted['position_auto']['why']}")
+        return fitted
+
     recipe = {"position_stats": mode, **({"position_score": True} if score else {})}
-    return _save_refitted(model, meta, samples, preprocess, fitted, recipe, batch_size,
-                          device, out)["position_stats"]
+    return _refit(checkpoint, samples, out, device, batch_size, "position_stats",
+                  "already has position statistics", fit, recipe)
 
 
 # the metadata key of what fitting each option gives, and of an ``auto`` decision against it
 _AUTO_DECISIONS = {"position_stats": "position_auto", "aligned_stats": "aligned_auto",
                    "turn_average": "turn_average_auto"}
+
+
+def _refit(checkpoint: str | Path, samples: Sequence[Sample], out: str | Path, device: str,
+           batch_size: int, key: str, already: str,
+           fit: Callable[[ReverseDistillation, CheckpointMetadata, Preprocess, torch.device],
+                         dict[str, Any]],
+           recipe: dict[str, Any]) -> dict[str, Any]:
+    """What the add-* commands share: load ``checkpoint``, refuse it when it has ``key``
+    already, ``fit`` onto it, calibrate and write it to ``out``. Returns its ``key`` metadata."""
+    model, meta = load_checkpoint(checkpoint)
+    if meta.get(key):
+        raise TrainingError(f"{checkpoint} {already}")
+    target = resolve_device(device)
+    model.to(target).eval()
+    preprocess = Preprocess.from_dict(meta.preprocess)
+    fitted = fit(model, meta, preprocess, target)
+    calibrated = _save_refitted(model, meta, samples, preprocess, fitted, recipe, batch_size,
+                                target, out)
+    return {**fitted, **calibrated}[key]
 
 
 def _save_refitted(model: ReverseDistillation, meta: CheckpointMetadata,
@@ -964,15 +983,11 @@ def add_aligned_statistics(checkpoint: str | Path, samples: Sequence[Sample],
     since they leave the student as it is, without training again. Fitted whether or not the
     images are alike (what ``auto`` decided is recorded). The stored evaluation is left out:
     evaluate the new checkpoint. Returns its ``aligned_stats`` metadata."""
-    model, meta = load_checkpoint(checkpoint)
-    if meta.get("aligned_stats"):
-        raise TrainingError(f"{checkpoint} already has aligned statistics")
-    device = resolve_device(device)
-    model.to(device).eval()
-    preprocess = Preprocess.from_dict(meta.preprocess)
-    fitted = _fit_aligned(model, samples, preprocess, batch_size, 0, device)
-    return _save_refitted(model, meta, samples, preprocess, fitted, {"aligned_stats": True},
-                          batch_size, device, out)["aligned_stats"]
+    return _refit(checkpoint, samples, out, device, batch_size, "aligned_stats",
+                  "already has aligned statistics",
+                  lambda model, _, preprocess, target: _fit_aligned(
+                      model, samples, preprocess, batch_size, 0, target),
+                  {"aligned_stats": True})
 
 
 def _decide_turn_average(model: ReverseDistillation, samples: Sequence[Sample],
@@ -1000,17 +1015,11 @@ def add_turn_average(checkpoint: str | Path, samples: Sequence[Sample], out: str
     averaged map; ``samples``: its normal training images. What ``auto`` would decide is
     recorded. The stored evaluation is left out: evaluate the new checkpoint. Returns its
     ``turn_average`` metadata."""
-    model, meta = load_checkpoint(checkpoint)
-    if meta.get("turn_average"):
-        raise TrainingError(f"{checkpoint} already averages its maps over quarter turns")
-    device = resolve_device(device)
-    model.to(device).eval()
-    preprocess = Preprocess.from_dict(meta.preprocess)
-    fitted = _decide_turn_average(model, samples, preprocess, Geometry.from_metadata(meta),
-                                  True, device)
-    _save_refitted(model, meta, samples, preprocess, fitted, {"turn_average": True},
-                   batch_size, device, out)
-    return fitted["turn_average"]
+    return _refit(checkpoint, samples, out, device, batch_size, "turn_average",
+                  "already averages its maps over quarter turns",
+                  lambda model, meta, preprocess, target: _decide_turn_average(
+                      model, samples, preprocess, Geometry.from_metadata(meta), True, target),
+                  {"turn_average": True})
 
 
 def _teacher_cache(model: ReverseDistillation, dataset: ImageDataset, config: TrainConfig,

@@ -100,7 +100,10 @@ def trained(tiny_mvtec, tmp_path_factory):
     return out
 
 
-def test_the_checkpoint_carries_it_as_a_version_older_readers_refuse(trained, paper) -> None:
+def test_the_checkpoint_carries_it_as_a_version_older_readers_refuse(trained, paper,
+                                                                      monkeypatch) -> None:
+    import rd.checkpoints
+
     meta = read_metadata(trained)
     assert meta["format_version"] == 2 and meta["recipe"]["turn_average"] is True
     assert meta["turn_average"]["mode"] == "on" and "ratio" in meta["turn_average"]
@@ -108,6 +111,10 @@ def test_the_checkpoint_carries_it_as_a_version_older_readers_refuse(trained, pa
     _, plain = paper
     assert read_metadata(plain)["format_version"] == 1  # the paper's, readable as before
     assert load_checkpoint(plain)[0].turn_average is False
+    monkeypatch.setattr(rd.checkpoints, "FORMAT_VERSION", 1)  # a reader before the option
+    with pytest.raises(CheckpointError, match="unsupported checkpoint format"):
+        read_metadata(trained)
+    assert read_metadata(plain)["format_version"] == 1
 
 
 def test_predict_and_the_native_maps_average_the_turns(trained) -> None:
