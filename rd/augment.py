@@ -167,13 +167,17 @@ def select_transforms(teacher: Teacher, samples: Sequence[Sample], preprocess: P
 
 
 def judge_turns(teacher: Teacher, samples: Sequence[Sample], preprocess: Preprocess,
-                geometry: Geometry, device: torch.device | None = None) -> dict[str, Any]:
+                geometry: Geometry, device: torch.device | None = None,
+                augmented: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Whether quarter-turned normal images stay normal as the teacher sees them (the test of
     ``auto`` for the ``rot90`` transform): what ``--turn-average auto`` decides by, since
     averaging the maps of turned images helps only where turned parts are ordinary ones.
+    ``augmented``: what ``augmentation`` recorded, whose ``auto`` has measured it already.
     Returns {"kept", "ratio", "why"}."""
-    verdict = select_transforms(teacher, samples, preprocess, geometry,
-                                {"rot90": TRANSFORMS["rot90"]}, device)["candidates"]["rot90"]
+    verdict = (augmented or {}).get("candidates", {}).get("rot90")
+    if verdict is None:
+        verdict = select_transforms(teacher, samples, preprocess, geometry,
+                                    {"rot90": TRANSFORMS["rot90"]}, device)["candidates"]["rot90"]
     action = "averaged over" if verdict["kept"] else "not averaged over"
     return {**verdict, "why": f"quarter-turned normal images lie {verdict['ratio']:.2f}x as far "
             f"from other normals as normals do ({'<=' if verdict['kept'] else '>'} "

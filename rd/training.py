@@ -592,7 +592,7 @@ def _fit(samples: Sequence[Sample], config: TrainConfig, out: Path,
         dataset = training_dataset(samples, preprocess, geometry, transforms)
     if config.turn_average:  # before the statistics, which are weighed against RD's map
         beyond.update(_decide_turn_average(model, samples, preprocess, geometry,
-                                           config.turn_average, device))
+                                           config.turn_average, device, beyond.get("augment")))
         if place.main:
             print(beyond.get("turn_average", beyond.get("turn_average_auto"))["why"],
                   file=sys.stderr)
@@ -992,15 +992,17 @@ def add_aligned_statistics(checkpoint: str | Path, samples: Sequence[Sample],
 
 def _decide_turn_average(model: ReverseDistillation, samples: Sequence[Sample],
                          preprocess: Preprocess, geometry: Geometry, mode: bool | str,
-                         device: torch.device) -> dict[str, Any]:
+                         device: torch.device, augmented: Mapping[str, Any] | None = None
+                         ) -> dict[str, Any]:
     """Turn ``model.turn_average`` on (``mode`` True) or, with "auto", only where quarter-turned
-    normal images stay normal as the teacher sees them (rd.augment.judge_turns). Returns the
-    checkpoint metadata ``turn_average`` (the measurement and why), or ``turn_average_auto``
-    when left out."""
+    normal images stay normal as the teacher sees them (rd.augment.judge_turns; ``augmented``:
+    the augmentation's record, which holds that measurement after ``--augment auto``). Returns
+    the checkpoint metadata ``turn_average`` (the measurement and why), or
+    ``turn_average_auto`` when left out."""
     if len(samples) < 3:
         raise TrainingError("--turn-average needs at least three normal training images "
                             f"(the data has {len(samples)})")
-    verdict = judge_turns(model.teacher, samples, preprocess, geometry, device)
+    verdict = judge_turns(model.teacher, samples, preprocess, geometry, device, augmented)
     if mode == "auto" and not verdict["kept"]:
         model.turn_average = False
         return {"turn_average_auto": verdict}
@@ -1018,7 +1020,8 @@ def add_turn_average(checkpoint: str | Path, samples: Sequence[Sample], out: str
     return _refit(checkpoint, samples, out, device, batch_size, "turn_average",
                   "already averages its maps over quarter turns",
                   lambda model, meta, preprocess, target: _decide_turn_average(
-                      model, samples, preprocess, Geometry.from_metadata(meta), True, target),
+                      model, samples, preprocess, Geometry.from_metadata(meta), True, target,
+                      meta.get("augment")),
                   {"turn_average": True})
 
 

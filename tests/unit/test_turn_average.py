@@ -200,6 +200,27 @@ def test_auto_that_leaves_it_out_records_why(tiny_mvtec, tmp_path, monkeypatch) 
     assert "not averaged over quarter turns" in meta["turn_average_auto"]["why"]
 
 
+def test_after_augment_auto_the_teacher_is_not_asked_twice(tiny_mvtec, tmp_path,
+                                                           monkeypatch) -> None:
+    """--augment auto measures quarter turns among its candidates: --turn-average auto takes
+    that measurement instead of reading and scoring the images again."""
+    import rd.augment
+
+    calls = []
+    measure = rd.augment.select_transforms
+    monkeypatch.setattr(rd.augment, "select_transforms",
+                        lambda *args, **kwargs: calls.append(1) or measure(*args, **kwargs))
+    category = MVTecCategory(tiny_mvtec.root, tiny_mvtec.category)
+    out = tmp_path / "both.safetensors"
+    train(category.train_samples(), TrainConfig(image_size=SIZE, epochs=1, batch_size=4,
+                                                device="cpu", augment="auto",
+                                                turn_average="auto"), out, progress=False)
+    meta = read_metadata(out)
+    decision = meta.get("turn_average") or meta["turn_average_auto"]
+    assert len(calls) == 1
+    assert decision["ratio"] == meta["augment"]["candidates"]["rot90"]["ratio"]
+
+
 def test_the_option_is_checked() -> None:
     from rd.cli import build_parser
     from rd.cli.train import train_config
