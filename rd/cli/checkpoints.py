@@ -56,17 +56,25 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_position_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "add-position-stats", help="fit position statistics onto a trained checkpoint",
-        description="For parts that lie in place: write the checkpoint again with a "
-        "per-position normal model of the teacher's features fitted on the normal training "
-        "images (what train --position-stats gives, without training again). Evaluate the "
-        "new checkpoint afterwards: its stored metrics are left out.")
+def _refit_parser(commands: argparse._SubParsersAction, name: str, help: str,
+                  description: str) -> argparse.ArgumentParser:
+    """The options every add-* command takes: the data, the checkpoint, where to write it."""
+    p = commands.add_parser(name, help=help, description=description)
     add_data_options(p)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    return p
+
+
+def add_position_parser(commands: argparse._SubParsersAction) -> None:
+    p = _refit_parser(
+        commands, "add-position-stats", help="fit position statistics onto a trained checkpoint",
+        description="For parts that lie in place: write the checkpoint again with a "
+        "per-position normal model of the teacher's features fitted on the normal training "
+        "images (what train --position-stats gives, without training again). Evaluate the "
+        "new checkpoint afterwards: its stored metrics are left out.")
     p.add_argument("--position-score", action="store_true",
                    help="count them in the image score too (what train --position-score gives)")
     kind = p.add_mutually_exclusive_group()
@@ -79,7 +87,6 @@ def add_position_parser(commands: argparse._SubParsersAction) -> None:
                       help="the plain statistics if the normal images say the parts lie in "
                       "place, the envelope otherwise (what train --position-stats adaptive "
                       "gives)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.set_defaults(func=cmd_add_position)
 
 
@@ -97,17 +104,12 @@ def cmd_add_position(args: argparse.Namespace) -> int:
 
 
 def add_aligned_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "add-aligned-stats", help="fit aligned statistics onto a trained checkpoint",
+    p = _refit_parser(
+        commands, "add-aligned-stats", help="fit aligned statistics onto a trained checkpoint",
         description="For parts that turn and shift a little: write the checkpoint again with "
         "a per-pixel colour model of the normal training images registered onto one template "
         "(what train --aligned-stats gives, without training again). Evaluate the new "
         "checkpoint afterwards: its stored metrics are left out.")
-    add_data_options(p)
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.set_defaults(func=cmd_add_aligned)
 
 
@@ -121,18 +123,13 @@ def cmd_add_aligned(args: argparse.Namespace) -> int:
 
 
 def add_turn_average_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "add-turn-average", help="average a trained checkpoint's maps over quarter turns",
+    p = _refit_parser(
+        commands, "add-turn-average", help="average a trained checkpoint's maps over quarter turns",
         description="For parts that lie at any angle: write the checkpoint again with the "
         "paper's maps averaged over each image's four quarter turns (what train --turn-average "
         "gives, without training again; its position or aligned statistics are weighed again "
         "against the averaged map). Evaluate the new checkpoint afterwards: its stored "
         "metrics are left out.")
-    add_data_options(p)
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.set_defaults(func=cmd_add_turn_average)
 
 
